@@ -1,0 +1,262 @@
+"""Every change of a job after submission, as guarded compare-and-set updates.
+
+Two doors lead here: Celery signals (in-house workers) and the HTTP callback
+(external workers). Each function is one transaction that starts with a CAS
+``UPDATE jobs … WHERE id = :id AND status IN (…) [AND attempts = :attempt]``;
+when the guard is closed (a duplicate delivery, a late callback, a stale
+attempt) nothing changes and the current row is returned. The transaction that
+wins a terminal transition is the only one that touches the asset row and the
+only one that refunds, so each happens once.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import case, func, select, update
+from sqlalchemy.orm import Session
+
+from orchestrator import credits, events
+from orchestrator.db import Database
+from orchestrator.errors import Conflict, NotFound
+from orchestrator.models import Image, Job, Video, utcnow
+from orchestrator.status import ASSET_STATUS_FOR, JobStatus, sources_of
+
+TITLE_CHARS = 60
+ERROR_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended, as reported by a worker (either door)."""
+
+    status: JobStatus  # COMPLETED, FAILED or CANCELLED
+    attempt: int | None = None  # None: an unfenced legacy callback
+    assets: list[str] = field(default_factory=list)  # paths relative to the job's bucket
+    thumbnail: str | None = None
+    error: str | None = None
+    enhanced_prompt: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Transition:
+    job: Job
+    changed: bool
+
+
+def _cas(session: Session, job_id: str, sources: tuple[str, ...], attempt: int | None,
+         *guards: Any, **values: Any) -> Job | None:
+    stmt = update(Job).where(Job.id == job_id, Job.status.in_(sources), *guards)
+    if attempt is not None:
+        stmt = stmt.where(Job.attempts == attempt)
+    stmt = stmt.values(updated_at=utcnow(), **values).returning(Job)
+    return session.execute(stmt.execution_options(synchronize_session=False)).scalar_one_or_none()
+
+
+def _load(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound("Job not found")
+    return job
+
+
+def _asset(session: Session, job: Job) -> Image | Video | None:
+    if job.video_id:
+        return session.get(Video, job.video_id)
+    if job.image_id:
+        return session.get(Image, job.image_id)
+    return None
+
+
+def _sync_asset(session: Session, job: Job, outcome: Outcome | None = None) -> Image | Video | None:
+    """Mirror the job's status onto its image/video row (CONTRACT §5)."""
+    asset = _asset(session, job)
+    if asset is None:
+        return None
+    status = JobStatus(job.status)
+    now = utcnow()
+    asset.status = ASSET_STATUS_FOR[status].value
+    asset.updated_at = now
+    if job.enhanced_prompt:
+        asset.enhanced_prompt = job.enhanced_prompt
+    meta = dict(asset.metadata_ or {})
+    if status is JobStatus.COMPLETED and outcome is not None:
+        first = outcome.assets[0]
+        asset.title = job.prompt[:TITLE_CHARS]
+        asset.completed_at = now
+        if isinstance(asset, Image):
+            asset.image_url = first
+            asset.image_urls = list(outcome.assets) if len(outcome.assets) > 1 else None
+            asset.thumbnail_url = outcome.thumbnail or first
+        else:
+            asset.video_url = first
+            asset.thumbnail_url = outcome.thumbnail
+            asset.completed_at = now
+        meta.update({k: v for k, v in outcome.metadata.items() if k in ("seeds", "generator")})
+    elif status.is_terminal:
+        meta["error"] = job.error_message
+    asset.metadata_ = meta
+    return asset
+
+
+def _emit(session: Session, job: Job, asset: Image | Video | None, kind: str | None = None) -> None:
+    session.flush()
+    evs = [events.job_event(job, kind)]
+    if asset is not None:
+        evs.append(events.asset_event(asset, job.id))
+    events.append(session, *evs)
+
+
+def start_job(db: Database, job_id: str, *, worker: str, lease_seconds: int) -> Job | None:
+    """Claim a queued job for a worker: ``queued → processing``, next attempt.
+
+    Returns the claimed job, or None when the job is not queued (already
+    running elsewhere, finished, cancelled) or out of attempts: do no work.
+    """
+    now = utcnow()
+    with db.transaction() as session:
+        job = _cas(session, job_id, (JobStatus.QUEUED.value,), None,
+                   Job.attempts < Job.max_attempts,
+                   status=JobStatus.PROCESSING.value, attempts=Job.attempts + 1, progress=0,
+                   started_at=now, lease_owner=worker,
+                   lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
+        if job is not None:
+            _emit(session, job, _sync_asset(session, job))
+            return job
+        current = session.get(Job, job_id)
+    if current is not None and current.status == JobStatus.QUEUED.value:
+        # Out of attempts: end the job instead of looping on it.
+        finish_job(db, job_id, Outcome(JobStatus.FAILED, error="attempts exhausted"))
+    return None
+
+
+def report_processing(db: Database, job_id: str, *, worker: str, lease_seconds: int,
+                      attempt: int | None = None) -> Transition:
+    """An external worker says it is working: claim a queued job or renew the lease."""
+    now = utcnow()
+    lease = now + dt.timedelta(seconds=lease_seconds)
+    with db.transaction() as session:
+        job = _cas(session, job_id, (JobStatus.QUEUED.value,), attempt,
+                   status=JobStatus.PROCESSING.value, attempts=Job.attempts + 1,
+                   started_at=func.coalesce(Job.started_at, now), lease_owner=worker,
+                   lease_expires_at=lease)
+        if job is not None:
+            _emit(session, job, _sync_asset(session, job))
+            return Transition(job, True)
+        job = _cas(session, job_id, (JobStatus.PROCESSING.value,), attempt, lease_expires_at=lease)
+        if job is not None:
+            return Transition(job, False)
+        return Transition(_load(session, job_id), False)
+
+
+def record_progress(db: Database, job_id: str, attempt: int, progress: int, *,
+                    lease_seconds: int) -> bool:
+    """Store progress (0–100) and renew the lease. False: the run was cancelled
+    or superseded, and the worker should stop."""
+    now = utcnow()
+    with db.transaction() as session:
+        job = _cas(session, job_id, (JobStatus.PROCESSING.value,), attempt,
+                   progress=max(0, min(100, progress)),
+                   lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
+        if job is None:
+            return False
+        events.append(session, events.job_event(job, "progress"))
+        return True
+
+
+def record_enhancement(db: Database, job_id: str, attempt: int, *, prompt: str, backend: str,
+                       error: str | None) -> bool:
+    """Store the enhanced prompt (and why enhancement failed, if it did)."""
+    with db.transaction() as session:
+        job = _cas(session, job_id, (JobStatus.PROCESSING.value,), attempt, enhanced_prompt=prompt)
+        if job is None:
+            return False
+        meta = dict(job.metadata_ or {})
+        meta["enhancement"] = {"backend": backend, "error": error}
+        job.metadata_ = meta
+        _emit(session, job, _sync_asset(session, job), "enhanced")
+        return True
+
+
+def finish_job(db: Database, job_id: str, outcome: Outcome) -> Transition:
+    """End a job: completed, failed or cancelled. Idempotent.
+
+    A completion with no assets is a failure. Failed and cancelled jobs are
+    refunded by the one transaction that ends them.
+    """
+    if outcome.status is JobStatus.COMPLETED and not outcome.assets:
+        outcome = Outcome(JobStatus.FAILED, attempt=outcome.attempt,
+                          error="worker reported completion without any assets",
+                          enhanced_prompt=outcome.enhanced_prompt, metadata=outcome.metadata)
+    status = outcome.status
+    now = utcnow()
+    values: dict[str, Any] = dict(
+        status=status.value, completed_at=now, lease_owner=None, lease_expires_at=None,
+        started_at=func.coalesce(Job.started_at, now),
+        attempts=case((Job.attempts == 0, 1), else_=Job.attempts),
+    )
+    if status is JobStatus.COMPLETED:
+        values["progress"] = 100
+        values["error_message"] = None
+    else:
+        values["error_message"] = (outcome.error or status.value)[:ERROR_CHARS]
+    if outcome.enhanced_prompt:
+        values["enhanced_prompt"] = outcome.enhanced_prompt
+    sources = tuple(s for s in sources_of(status) if s != JobStatus.FAILED.value)
+    with db.transaction() as session:
+        job = _cas(session, job_id, sources, outcome.attempt, **values)
+        if job is None:
+            return Transition(_load(session, job_id), False)
+        meta = dict(job.metadata_ or {})
+        if status is JobStatus.COMPLETED:
+            job.result = {"bucket": job.job_type, "assets": list(outcome.assets),
+                          "thumbnail": outcome.thumbnail, **outcome.metadata}
+            meta.update(primary_asset=outcome.assets[0], all_assets=list(outcome.assets))
+            job.metadata_ = meta
+        else:
+            credits.refund(session, user_id=job.user_id, job_id=job.id, amount=job.credits,
+                           charge_no=job.charges)
+        _emit(session, job, _sync_asset(session, job, outcome))
+        return Transition(job, True)
+
+
+def requeue_for_retry(db: Database, job_id: str, attempt: int, reason: str) -> bool:
+    """A transient error: ``processing → queued`` so the retried delivery can claim it."""
+    with db.transaction() as session:
+        job = _cas(session, job_id, (JobStatus.PROCESSING.value,), attempt,
+                   status=JobStatus.QUEUED.value, lease_owner=None, lease_expires_at=None,
+                   error_message=reason[:ERROR_CHARS], progress=0)
+        if job is None:
+            return False
+        _emit(session, job, _sync_asset(session, job), "retrying")
+        return True
+
+
+def cancel_job(db: Database, user_id: str, job_id: str) -> Job:
+    """A user cancels their job: queued or running, it ends ``cancelled`` now.
+
+    A running worker notices at its next progress report and stops; its
+    completion finds the guard closed.
+
+    Raises:
+        NotFound: no such job of this user.
+        Conflict: the job already ended.
+    """
+    with db.session() as session:
+        owner = session.execute(select(Job.user_id).where(Job.id == job_id)).scalar_one_or_none()
+    if owner != user_id:
+        raise NotFound("Job not found")
+    result = finish_job(db, job_id, Outcome(JobStatus.CANCELLED, error="cancelled by user"))
+    if not result.changed and result.job.status != JobStatus.CANCELLED.value:
+        raise Conflict(f"Job already {result.job.status}", details={"status": result.job.status})
+    return result.job
+
+
+def mark_dispatched(db: Database, job_id: str) -> None:
+    """Note that the job's message reached the broker (the reconciler reads this)."""
+    with db.transaction() as session:
+        session.execute(update(Job).where(Job.id == job_id, Job.dispatched_at.is_(None))
+                        .values(dispatched_at=utcnow())
+                        .execution_options(synchronize_session=False))

@@ -1,0 +1,169 @@
+"""Settings: read from the environment once, into one immutable object.
+
+Nothing in the service reads ``os.environ`` elsewhere. ``get_settings()`` builds
+the object on first use and caches it for the life of the process; tests build
+their own with ``Settings.from_env({...})``.
+
+With no environment at all the service runs on embedded defaults: a SQLite
+database and a SQLAlchemy-backed Celery broker under ``./var/``, files under
+``./var/storage``. Production changes configuration only, never code paths.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+log = logging.getLogger(__name__)
+
+# Development secrets: usable on a laptop, refused in production.
+DEV_JWT_SECRET = "dev-jwt-secret-change-me-0123456789abcdef"
+DEV_WORKER_TOKEN = "dev-worker-token-change-me"
+DEV_WORKER_SECRET = "dev-worker-secret-change-me"
+
+_SECRETS = {
+    "JWT_SECRET": DEV_JWT_SECRET,
+    "WORKER_TOKEN": DEV_WORKER_TOKEN,
+    "WORKER_SECRET": DEV_WORKER_SECRET,
+}
+
+
+class ConfigurationError(RuntimeError):
+    """The environment describes a configuration the service refuses to run."""
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError as e:
+        raise ConfigurationError(f"{name} must be a number, got {raw!r}") from e
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError as e:
+        raise ConfigurationError(f"{name} must be an integer, got {raw!r}") from e
+
+
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in env.get(name, "").split(",") if p.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, with the embedded defaults."""
+
+    env: str = "development"
+    var_dir: Path = Path("var")
+    database_url: str = ""
+    broker_url: str = ""
+    result_backend: str = ""
+    redis_url: str | None = None
+    storage_root: Path = Path("var/storage")
+    jwt_secret: str = DEV_JWT_SECRET
+    jwt_audience: str = "authenticated"
+    jwt_issuer: str | None = None
+    worker_token: str = DEV_WORKER_TOKEN
+    worker_secrets: tuple[str, ...] = (DEV_WORKER_SECRET,)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str | None = None
+    generation_time_scale: float = 0.0
+    max_attempts: int = 3
+    url_ttl_seconds: int = 3600
+    admin_image_timeout: float = 60.0
+    publish_timeout: float = 2.0
+    dev_secrets: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        """Build settings from an environment mapping (``os.environ`` by default).
+
+        Raises:
+            ConfigurationError: a value is malformed, or production runs on a
+                development secret.
+        """
+        env = os.environ if env is None else env
+        var_dir = Path(env.get("VAR_DIR", "var"))
+        database_url = env.get("DATABASE_URL") or f"sqlite:///{var_dir / 'orchestrator.sqlite'}"
+        broker_url = env.get("BROKER_URL") or f"sqla+sqlite:///{var_dir / 'broker.sqlite'}"
+        redis_url = env.get("REDIS_URL") or None
+        result_backend = env.get("RESULT_BACKEND") or _default_result_backend(broker_url, var_dir)
+        dev = tuple(name for name in _SECRETS if not env.get(name))
+        mode = env.get("ORCHESTRATOR_ENV", "development").strip().lower() or "development"
+        if mode == "production" and dev:
+            raise ConfigurationError(
+                "ORCHESTRATOR_ENV=production refuses development secrets; set " + ", ".join(dev)
+            )
+        secrets = env.get("WORKER_SECRET") or DEV_WORKER_SECRET
+        settings = cls(
+            env=mode,
+            var_dir=var_dir,
+            database_url=database_url,
+            broker_url=broker_url,
+            result_backend=result_backend,
+            redis_url=redis_url,
+            storage_root=Path(env.get("STORAGE_ROOT") or var_dir / "storage"),
+            jwt_secret=env.get("JWT_SECRET") or DEV_JWT_SECRET,
+            jwt_audience=env.get("JWT_AUDIENCE", "authenticated"),
+            jwt_issuer=env.get("JWT_ISSUER") or None,
+            worker_token=env.get("WORKER_TOKEN") or DEV_WORKER_TOKEN,
+            # Several secrets, space or comma separated, so a rotation can overlap.
+            worker_secrets=tuple(s for s in secrets.replace(",", " ").split() if s),
+            host=env.get("HOST", "127.0.0.1"),
+            port=_int(env, "PORT", 8000),
+            public_url=(env.get("PUBLIC_URL") or "").rstrip("/") or None,
+            generation_time_scale=_float(env, "GENERATION_TIME_SCALE", 0.0),
+            max_attempts=_int(env, "MAX_ATTEMPTS", 3),
+            url_ttl_seconds=_int(env, "URL_TTL_SECONDS", 3600),
+            admin_image_timeout=_float(env, "ADMIN_IMAGE_TIMEOUT", 60.0),
+            publish_timeout=_float(env, "PUBLISH_TIMEOUT", 2.0),
+            dev_secrets=dev,
+        )
+        if settings.generation_time_scale < 0:
+            raise ConfigurationError("GENERATION_TIME_SCALE must be >= 0")
+        if settings.max_attempts < 1:
+            raise ConfigurationError("MAX_ATTEMPTS must be >= 1")
+        return settings
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def warn_dev_secrets(self) -> None:
+        """Say loudly, once per process, which secrets are development defaults."""
+        if not self.dev_secrets:
+            return
+        banner = (
+            "\n" + "!" * 72 + "\n"
+            f"!! DEVELOPMENT SECRETS IN USE: {', '.join(self.dev_secrets)}\n"
+            "!! Anyone who reads the source can mint tokens for this service.\n"
+            "!! Set them (and ORCHESTRATOR_ENV=production) before exposing it.\n" + "!" * 72
+        )
+        print(banner, file=sys.stderr, flush=True)
+
+
+def _default_result_backend(broker_url: str, var_dir: Path) -> str:
+    """Celery results are never consulted for job state; keep them beside the broker."""
+    if broker_url.startswith(("redis://", "rediss://")):
+        return broker_url
+    return f"db+sqlite:///{var_dir / 'celery-results.sqlite'}"
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process's settings, read from the environment on first call."""
+    settings = Settings.from_env()
+    settings.warn_dev_secrets()
+    return settings

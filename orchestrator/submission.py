@@ -1,0 +1,198 @@
+"""Submitting a job (CONTRACT §2): validate, resolve the prompt, charge, record.
+
+One transaction creates the job, its image/video row, the ledger entry and the
+events, and debits the balance; the caller publishes to the broker only after
+it commits (DESIGN principle 2).
+"""
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from orchestrator import credits, events
+from orchestrator.db import Database
+from orchestrator.errors import InvalidRequest, NotFound
+from orchestrator.jobtypes import JOB_TYPES, VALID_JOB_TYPES, JobType
+from orchestrator.models import Image, Job, Project, Video, utcnow
+from orchestrator.prompts import build_negative_prompt
+from orchestrator.status import AssetStatus, JobStatus
+
+MAX_PROMPT_CHARS = 4000
+TITLE_CHARS = 60
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """A validated-for-shape request; the rules that need the job type live here."""
+
+    job_type: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    project_id: str | None = None
+    image_id: str | None = None
+    video_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job: Job
+    spec: JobType
+    queue_length: int
+    balance: int
+
+
+def derive_seed(job_id: str) -> int:
+    """A stable 32-bit seed from the job id, for jobs that did not ask for one."""
+    return int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:4], "big")
+
+
+def resolve_job_type(name: str) -> JobType:
+    try:
+        return JOB_TYPES[name]
+    except KeyError:
+        raise InvalidRequest(f"Invalid job type: {name!r}",
+                             details={"valid_job_types": list(VALID_JOB_TYPES)}) from None
+
+
+def _int_option(metadata: dict[str, Any], name: str, lo: int, hi: int, default: int) -> int:
+    value = metadata.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InvalidRequest(f"metadata.{name} must be an integer from {lo} to {hi}",
+                             details={"field": f"metadata.{name}"})
+    return value
+
+
+def _check_ids(spec: JobType, req: SubmitRequest) -> None:
+    if req.image_id and spec.is_video:
+        raise InvalidRequest("imageId is only valid for image jobs", details={"field": "imageId"})
+    if req.video_id and not spec.is_video:
+        raise InvalidRequest("videoId is only valid for video jobs", details={"field": "videoId"})
+    for name, value in (("projectId", req.project_id), ("imageId", req.image_id),
+                        ("videoId", req.video_id)):
+        if value is not None:
+            try:
+                uuid.UUID(value)
+            except (ValueError, AttributeError, TypeError):
+                raise InvalidRequest(f"{name} must be a uuid", details={"field": name}) from None
+
+
+def _resolve_prompt(session: Session, user_id: str, req: SubmitRequest) -> tuple[str, Project | None]:
+    """Project's enhanced prompt → project's original prompt → metadata.prompt."""
+    project = None
+    if req.project_id:
+        project = session.execute(
+            select(Project).where(Project.id == req.project_id, Project.user_id == user_id)
+        ).scalar_one_or_none()
+        if project is None:
+            raise NotFound("Project not found")
+    raw = req.metadata.get("prompt")
+    if raw is not None and not isinstance(raw, str):
+        raise InvalidRequest("metadata.prompt must be a string", details={"field": "metadata.prompt"})
+    candidates = [project.enhanced_prompt, project.original_prompt] if project else []
+    prompt = next((p.strip() for p in [*candidates, raw] if p and p.strip()), "")
+    if not prompt:
+        raise InvalidRequest("A prompt is required (metadata.prompt or a project with a prompt)",
+                             details={"field": "metadata.prompt"})
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(f"prompt is longer than {MAX_PROMPT_CHARS} characters",
+                             details={"field": "metadata.prompt"})
+    return prompt, project
+
+
+def _negative_prompt(spec: JobType, prompt: str, metadata: dict[str, Any]) -> str | None:
+    if not spec.is_sdxl:
+        return None
+    built = build_negative_prompt(prompt)
+    extra = metadata.get("negative_prompt")
+    if extra is not None and not isinstance(extra, str):
+        raise InvalidRequest("metadata.negative_prompt must be a string",
+                             details={"field": "metadata.negative_prompt"})
+    return f"{extra.strip()}, {built}" if extra and extra.strip() else built
+
+
+def _attach_asset(session: Session, job: Job, spec: JobType, req: SubmitRequest) -> Image | Video:
+    """Reuse the row the client pre-created (its own only) or create one."""
+    now = utcnow()
+    model = Video if spec.is_video else Image
+    given = req.video_id if spec.is_video else req.image_id
+    fields: dict[str, Any] = dict(status=AssetStatus.QUEUED.value, prompt=job.prompt,
+                                  quality=spec.quality, updated_at=now, completed_at=None)
+    if given:
+        asset = session.execute(
+            update(model).where(model.id == given, model.user_id == job.user_id)
+            .values(**fields).returning(model)
+            .execution_options(synchronize_session=False)
+        ).scalar_one_or_none()
+        if asset is None:
+            raise NotFound(f"{'Video' if spec.is_video else 'Image'} not found")
+        asset.metadata_ = {**(asset.metadata_ or {}), "bucket": spec.bucket, "job_id": job.id}
+        return asset
+    common = dict(id=str(uuid.uuid4()), user_id=job.user_id, project_id=job.project_id,
+                  title=job.prompt[:TITLE_CHARS], created_at=now,
+                  metadata_={"bucket": spec.bucket, "job_id": job.id, "job_type": spec.name},
+                  enhanced_prompt=None, thumbnail_url=None, **fields)
+    if spec.is_video:
+        asset = Video(video_url=None, duration=round(spec.frames / spec.fps, 3),
+                      resolution=f"{spec.width}x{spec.height}", format="mp4", **common)
+    else:
+        asset = Image(image_url=None, image_urls=None, generation_mode=spec.name, **common)
+    session.add(asset)
+    return asset
+
+
+def queue_length(session: Session, family: str) -> int:
+    """How many jobs of this family are waiting (queued, not yet started)."""
+    return session.execute(
+        select(func.count()).select_from(Job)
+        .where(Job.family == family, Job.status == JobStatus.QUEUED.value)
+    ).scalar_one()
+
+
+def submit_job(db: Database, user_id: str, req: SubmitRequest, *, max_attempts: int) -> Submitted:
+    """Record and charge a new job; commit before returning.
+
+    Raises:
+        InvalidRequest: unknown type, bad ids or options, no prompt.
+        NotFound: the project or image/video is not this user's.
+        InsufficientCredits: the balance is below the type's price.
+    """
+    spec = resolve_job_type(req.job_type)
+    _check_ids(spec, req)
+    metadata = dict(req.metadata)
+    num_outputs = _int_option(metadata, "num_images", 1, spec.outputs, spec.outputs)
+    job_id = str(uuid.uuid4())
+    seed = _int_option(metadata, "seed", 0, 2**32 - 1, derive_seed(job_id))
+    with db.transaction() as session:
+        prompt, project = _resolve_prompt(session, user_id, req)
+        balance = credits.debit(session, user_id, spec.credits)
+        now = utcnow()
+        job = Job(
+            id=job_id, user_id=user_id, job_type=spec.name, family=spec.family.value,
+            format=spec.format, quality=spec.quality, model_variant=spec.model_variant,
+            status=JobStatus.QUEUED.value, prompt=prompt,
+            negative_prompt=_negative_prompt(spec, prompt, metadata), enhanced_prompt=None,
+            metadata_={**metadata, "num_images": num_outputs, "bucket": spec.bucket},
+            result=None, project_id=project.id if project else None, image_id=None,
+            video_id=None, seed=seed, credits=spec.credits, charges=1, progress=0, attempts=0,
+            max_attempts=max_attempts, error_message=None, lease_owner=None,
+            lease_expires_at=None, created_at=now, updated_at=now, dispatched_at=None,
+            started_at=None, completed_at=None,
+        )
+        asset = _attach_asset(session, job, spec, req)
+        if spec.is_video:
+            job.video_id = asset.id
+        else:
+            job.image_id = asset.id
+        session.add(job)
+        credits.record(session, user_id=user_id, job_id=job_id, delta=-spec.credits,
+                       reason="job_charge", balance_after=balance, charge_no=1)
+        events.append(session, events.job_event(job, "queued"), events.asset_event(asset, job_id))
+        session.flush()
+        waiting = queue_length(session, spec.family.value)
+    return Submitted(job=job, spec=spec, queue_length=waiting, balance=balance)

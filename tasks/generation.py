@@ -1,0 +1,109 @@
+"""The generation task: claim the job, enhance, generate, store the files.
+
+The task only does the work and returns what it made; the signal handlers in
+``tasks.signals`` record the outcome through ``orchestrator.completion``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery import Task
+
+from orchestrator import completion
+from orchestrator.errors import TransientGenerationError
+from orchestrator.jobtypes import JOB_TYPES, LONGEST_HARD_TIME_LIMIT, Family
+from orchestrator.models import Job
+from tasks.celery_app import celery_app
+from tasks.generators.base import GenerationSpec
+from tasks.routing import GENERATION_TASK
+from tasks.runtime import Runtime, runtime
+
+log = logging.getLogger(__name__)
+
+#: task id → the attempt this process claimed; the signal handlers fence with it.
+CLAIMED: dict[str, int] = {}
+
+PROGRESS_INTERVAL_S = 0.5
+LEASE_MARGIN_S = 60
+
+
+class RunAborted(Exception):
+    """The job was cancelled or taken over while it ran: stop, record nothing."""
+
+
+class ProgressReporter:
+    """Writes progress at a bounded rate; raises :class:`RunAborted` when the
+    guarded write finds the run no longer current (cooperative cancel)."""
+
+    def __init__(self, rt: Runtime, job: Job, lease_seconds: int) -> None:
+        self.rt, self.job, self.lease_seconds = rt, job, lease_seconds
+        self.last_write = time.monotonic()
+        self.last_pct = 0
+
+    def __call__(self, step: int, total: int) -> None:
+        pct = int(step * 100 / max(total, 1))
+        now = time.monotonic()
+        if pct <= self.last_pct or now - self.last_write < PROGRESS_INTERVAL_S:
+            return
+        self.last_write, self.last_pct = now, pct
+        if not completion.record_progress(self.rt.db, self.job.id, self.job.attempts, min(pct, 99),
+                                          lease_seconds=self.lease_seconds):
+            raise RunAborted(self.job.id)
+
+
+def _spec(job: Job, prompt: str, time_scale: float) -> GenerationSpec:
+    t = JOB_TYPES[job.job_type]
+    return GenerationSpec(
+        job_id=job.id, job_type=t.name, format=t.format, prompt=prompt,
+        negative_prompt=job.negative_prompt, width=t.width, height=t.height, steps=t.steps,
+        guidance=t.guidance, frames=t.frames, fps=t.fps,
+        num_outputs=int((job.metadata_ or {}).get("num_images") or t.outputs), seed=job.seed,
+        expected_seconds=t.expected_seconds, time_scale=time_scale,
+        sample_solver=t.sample_solver, sample_shift=t.sample_shift)
+
+
+@celery_app.task(name=GENERATION_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
+                 max_retries=None)
+def run_generation(self: Task, job_id: str) -> dict[str, Any]:
+    """Run one job. Returns ``{"skipped": True}`` when the job was not ours to run."""
+    rt = runtime()
+    # The type is unknown before the claim: lease for the longest type; the
+    # first progress write shortens it to this type's limit.
+    job = completion.start_job(rt.db, job_id, worker=rt.worker_id,
+                               lease_seconds=LONGEST_HARD_TIME_LIMIT + LEASE_MARGIN_S)
+    if job is None:
+        log.info("job %s not queued; skipping delivery", job_id)
+        return {"job_id": job_id, "skipped": True}
+    CLAIMED[self.request.id] = job.attempts
+    spec = JOB_TYPES[job.job_type]
+    lease = spec.hard_time_limit + LEASE_MARGIN_S
+    try:
+        prompt = job.prompt
+        if spec.enhanced:
+            enh = rt.enhancer.enhance(prompt, format=spec.format, quality=spec.quality)
+            if not completion.record_enhancement(rt.db, job.id, job.attempts, prompt=enh.prompt,
+                                                 backend=enh.backend, error=enh.error):
+                raise RunAborted(job.id)
+            prompt = enh.prompt
+        result = rt.generator(Family(job.family)).generate(
+            _spec(job, prompt, rt.settings.generation_time_scale),
+            ProgressReporter(rt, job, lease))
+        paths = [_store(rt, job, f.name, f.data) for f in result.files]
+        thumb = _store(rt, job, result.thumbnail.name, result.thumbnail.data) if result.thumbnail else None
+    except RunAborted:
+        log.info("job %s attempt %s aborted (cancelled or superseded)", job.id, job.attempts)
+        return {"job_id": job.id, "attempt": job.attempts, "aborted": True}
+    except TransientGenerationError as e:
+        if job.attempts < job.max_attempts:
+            raise self.retry(exc=e, countdown=min(2 ** job.attempts, 60))
+        raise
+    return {"job_id": job.id, "attempt": job.attempts, "assets": paths, "thumbnail": thumb,
+            "enhanced_prompt": prompt if spec.enhanced else None, "metadata": result.metadata}
+
+
+def _store(rt: Runtime, job: Job, name: str, data: bytes) -> str:
+    key = f"{job.user_id}/{name}"
+    rt.storage.write(job.job_type, key, data, owner=job.user_id)
+    return key

@@ -1,0 +1,40 @@
+"""Queues and routing, in one place.
+
+A job's family names its queue; the job type sets its time limits. The web
+process publishes with :func:`route_for`; workers consume with ``-Q``; a
+structural test checks that every queue here is consumed by a Procfile process.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from kombu import Exchange, Queue
+
+from orchestrator.jobtypes import Family, JobType
+
+
+class QueueNames:
+    SDXL = Family.SDXL.value
+    WAN = Family.WAN.value
+
+    @classmethod
+    def all(cls) -> tuple[str, ...]:
+        return (cls.SDXL, cls.WAN)
+
+
+GENERATION_TASK = "generation.run"
+
+QUEUES = tuple(Queue(name, Exchange(name, type="direct"), routing_key=name)
+               for name in QueueNames.all())
+
+
+def route_for(spec: JobType) -> dict[str, Any]:
+    """``apply_async`` options for a job of this type: its queue and time limits."""
+    queue = spec.family.value
+    return {
+        "queue": queue,
+        "exchange": queue,
+        "routing_key": queue,
+        "soft_time_limit": spec.soft_time_limit,
+        "time_limit": spec.hard_time_limit,
+    }

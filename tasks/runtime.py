@@ -1,0 +1,58 @@
+"""What a worker process holds for its whole life: database, storage,
+generators and enhancer, built once per process (after the prefork fork, so
+no connection is shared between processes) and kept warm between jobs."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+from orchestrator.config import Settings, get_settings
+from orchestrator.db import Database
+from orchestrator.enhancer import PromptEnhancer, get_enhancer
+from orchestrator.jobtypes import BUCKETS, Family
+from orchestrator.storage import LocalStorage
+from tasks.generators import get_generator
+from tasks.generators.base import Generator
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    db: Database
+    storage: LocalStorage
+    enhancer: PromptEnhancer
+    generators: dict[Family, Generator] = field(default_factory=dict)
+
+    @property
+    def worker_id(self) -> str:
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+    def generator(self, family: Family) -> Generator:
+        if family not in self.generators:
+            self.generators[family] = get_generator(family, self.settings)
+        return self.generators[family]
+
+
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    global _runtime
+    if _runtime is None:
+        settings = get_settings()
+        _runtime = Runtime(
+            settings=settings,
+            db=Database(settings.database_url),
+            storage=LocalStorage(settings.storage_root, buckets=BUCKETS),
+            enhancer=get_enhancer("rules"),
+        )
+    return _runtime
+
+
+def reset() -> None:
+    """Drop inherited connections (called in each new worker child process)."""
+    global _runtime
+    if _runtime is not None:
+        _runtime.db.engine.dispose(close=False)
+    _runtime = None

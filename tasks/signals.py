@@ -1,0 +1,91 @@
+"""Celery signals → ``orchestrator.completion``: the in-house door to completion.
+
+The task returns what it made; these handlers record it. Each handler is
+fenced by the attempt the task claimed, so a duplicate or stale delivery
+changes nothing.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+
+from orchestrator import completion
+from orchestrator.errors import OrchestratorError
+from orchestrator.status import JobStatus
+from tasks import runtime as rt_module
+from tasks.generation import CLAIMED
+from tasks.routing import GENERATION_TASK
+
+log = logging.getLogger(__name__)
+
+
+def _ours(sender: Any) -> bool:
+    return getattr(sender, "name", sender) == GENERATION_TASK
+
+
+def _client_message(exc: BaseException | None) -> str:
+    """What the user may read about a failure: never a trace, path or secret."""
+    if isinstance(exc, OrchestratorError):
+        return exc.message
+    if isinstance(exc, (SoftTimeLimitExceeded, TimeLimitExceeded)):
+        return "generation timed out"
+    return f"generation failed ({type(exc).__name__})" if exc else "generation failed"
+
+
+@signals.worker_process_init.connect
+def _fresh_process(**_: Any) -> None:
+    rt_module.reset()
+
+
+@signals.task_success.connect
+def on_success(sender: Any = None, result: Any = None, **_: Any) -> None:
+    if not _ours(sender) or not isinstance(result, dict):
+        return
+    job_id = result.get("job_id")
+    CLAIMED.pop(sender.request.id, None)
+    if result.get("skipped") or result.get("aborted") or job_id is None:
+        return
+    outcome = completion.Outcome(
+        JobStatus.COMPLETED, attempt=result["attempt"], assets=result.get("assets") or [],
+        thumbnail=result.get("thumbnail"), enhanced_prompt=result.get("enhanced_prompt"),
+        metadata=result.get("metadata") or {})
+    done = completion.finish_job(rt_module.runtime().db, job_id, outcome)
+    log.info("job %s attempt %s completed (changed=%s)", job_id, result["attempt"], done.changed)
+
+
+@signals.task_failure.connect
+def on_failure(sender: Any = None, task_id: str | None = None, exception: BaseException | None = None,
+               **_: Any) -> None:
+    if not _ours(sender) or task_id is None:
+        return
+    attempt = CLAIMED.pop(task_id, None)
+    if attempt is None:
+        # Failed before it claimed the job (e.g. the database was down): the
+        # job is still queued and the message will be offered again.
+        log.warning("task %s failed before claiming its job: %r", task_id, exception)
+        return
+    outcome = completion.Outcome(JobStatus.FAILED, attempt=attempt, error=_client_message(exception))
+    completion.finish_job(rt_module.runtime().db, task_id, outcome)
+    log.info("job %s attempt %s failed: %s", task_id, attempt, outcome.error)
+
+
+@signals.task_retry.connect
+def on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
+    if not _ours(sender) or request is None:
+        return
+    attempt = CLAIMED.pop(request.id, None)
+    if attempt is not None:
+        completion.requeue_for_retry(rt_module.runtime().db, request.id, attempt,
+                                     _client_message(getattr(reason, "exc", None)))
+
+
+@signals.task_revoked.connect
+def on_revoked(sender: Any = None, request: Any = None, terminated: bool = False, **_: Any) -> None:
+    if request is None or getattr(request, "name", None) != GENERATION_TASK:
+        return
+    attempt = CLAIMED.pop(request.id, None)
+    completion.finish_job(rt_module.runtime().db, request.id, completion.Outcome(
+        JobStatus.CANCELLED, attempt=attempt, error="revoked by operator"))

@@ -1,0 +1,62 @@
+"""The Flask app factory: ``create_app()`` builds everything; nothing at import."""
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from flask import Flask, g, request
+
+from orchestrator.config import Settings, get_settings
+from orchestrator.db import Database
+from orchestrator.jobtypes import BUCKETS
+from orchestrator.storage import LocalStorage, UrlSigner
+from web.services import Publisher, Services, signing_key
+
+MAX_BODY_BYTES = 1024 * 1024
+
+
+def create_app(settings: Settings | None = None, *, publisher: Publisher | None = None) -> Flask:
+    """Build the app.
+
+    Args:
+        settings: defaults to the process settings read from the environment.
+        publisher: how committed jobs reach the workers; defaults to Celery.
+    """
+    settings = settings or get_settings()
+    app = Flask(__name__)
+    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES, JSON_SORT_KEYS=False)
+    app.json.sort_keys = False
+    if publisher is None:
+        from tasks.publish import publish_job
+
+        publisher = publish_job
+    settings.storage_root.mkdir(parents=True, exist_ok=True)
+    app.extensions["orchestrator"] = Services(
+        settings=settings,
+        db=Database(settings.database_url),
+        storage=LocalStorage(settings.storage_root, buckets=BUCKETS),
+        signer=UrlSigner(signing_key(settings), ttl_seconds=settings.url_ttl_seconds),
+        publish=publisher,
+    )
+
+    from web import api, auth, errors, files, functions, health
+
+    errors.init_app(app)
+    auth.init_app(app)
+    for module in (functions, api, files, health):
+        app.register_blueprint(module.bp)
+
+    @app.before_request
+    def _request_id() -> None:
+        g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+
+    @app.after_request
+    def _headers(response: Any) -> Any:
+        response.headers["X-Request-Id"] = g.get("request_id", "")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        return response
+
+    logging.getLogger(__name__).info("web app ready (database %s)", settings.database_url.split(":")[0])
+    return app

@@ -1,0 +1,120 @@
+"""Authentication: user JWTs (flask-jwt-extended) and worker credentials.
+
+User tokens are Supabase-compatible HS256 JWTs: ``sub`` a user uuid, ``aud``
+and ``role`` ``authenticated``, ``exp`` required, only in the
+``Authorization`` header. Workers authenticate with the bearer worker token or
+a Standard Webhooks signature; neither kind of credential is accepted for the
+other. Every failure is a 401 JSON body.
+"""
+from __future__ import annotations
+
+import functools
+import hmac
+from typing import Any, Callable, TypeVar
+
+from flask import Flask, g, request
+from flask_jwt_extended import JWTManager, get_jwt, verify_jwt_in_request
+from flask_jwt_extended.exceptions import JWTExtendedException
+from jwt import PyJWTError
+
+from orchestrator import queries, webhooks
+from orchestrator.errors import Forbidden, Unauthorized
+from web.errors import error_response
+from web.services import services
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def init_app(app: Flask) -> None:
+    settings = app.extensions["orchestrator"].settings
+    app.config.update(
+        JWT_SECRET_KEY=settings.jwt_secret,
+        JWT_ALGORITHM="HS256",
+        JWT_DECODE_ALGORITHMS=["HS256"],
+        JWT_TOKEN_LOCATION=["headers"],
+        JWT_DECODE_AUDIENCE=settings.jwt_audience,
+        JWT_DECODE_ISSUER=settings.jwt_issuer,
+        JWT_IDENTITY_CLAIM="sub",
+        JWT_DECODE_LEEWAY=0,
+    )
+    jwt = JWTManager(app)
+
+    def _reject(message: str) -> Any:
+        return error_response(401, message, "unauthorized")
+
+    jwt.unauthorized_loader(lambda reason: _reject("Missing or malformed Authorization header"))
+    jwt.invalid_token_loader(lambda reason: _reject("Invalid token"))
+    jwt.expired_token_loader(lambda header, payload: _reject("Token expired"))
+    jwt.revoked_token_loader(lambda header, payload: _reject("Token revoked"))
+    jwt.needs_fresh_token_loader(lambda header, payload: _reject("Fresh token required"))
+    jwt.user_lookup_error_loader(lambda header, payload: _reject("Unknown user"))
+    jwt.token_verification_failed_loader(lambda header, payload: _reject("Invalid token"))
+
+
+def _authenticate_user() -> str:
+    try:
+        verify_jwt_in_request()
+    except (JWTExtendedException, PyJWTError):
+        raise  # flask-jwt-extended's loaders turn these into 401 JSON
+    claims = get_jwt()
+    if "exp" not in claims:
+        raise Unauthorized("Token has no expiry")
+    if claims.get("role") != "authenticated":
+        raise Unauthorized("Token is not a user token")
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not queries.is_uuid(sub):
+        raise Unauthorized("Token subject is not a user id")
+    g.user_id = sub
+    return sub
+
+
+def user_required(view: F) -> F:
+    """The view runs with ``g.user_id`` set to an authenticated user's uuid."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _authenticate_user()
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def admin_required(view: F) -> F:
+    """Authenticated, and holding the ``admin`` role (granted only by the CLI)."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        user_id = _authenticate_user()
+        if not queries.is_admin(services().db, user_id):
+            raise Forbidden("Admin role required")
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def authenticate_worker() -> str:
+    """Check worker credentials on the current request; return how it authenticated.
+
+    Raises:
+        Unauthorized: neither a valid worker bearer token nor a valid signature.
+    """
+    settings = services().settings
+    if webhooks.has_signature_headers(request.headers):
+        webhook_id = webhooks.verify(settings.worker_secrets, request.headers, request.get_data())
+        g.webhook_id = webhook_id
+        return "signature"
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token and hmac.compare_digest(
+            token.strip().encode(), settings.worker_token.encode()):
+        return "bearer"
+    raise Unauthorized("Worker authentication required")
+
+
+def worker_required(view: F) -> F:
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        g.worker_auth = authenticate_worker()
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

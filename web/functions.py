@@ -1,0 +1,126 @@
+"""The legacy edge-function routes (CONTRACT §2, §5, §6), same paths and shapes."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from typing import Any
+
+from flask import Blueprint, g, jsonify
+
+from orchestrator import completion, queries
+from orchestrator.callbacks import parse_callback
+from orchestrator.errors import ServiceUnavailable
+from orchestrator.records import iso, job_record
+from orchestrator.status import JobStatus
+from orchestrator.submission import SubmitRequest, Submitted, submit_job
+from web.auth import admin_required, user_required, worker_required
+from web.schemas import AdminImageBody, QueueJobBody, parse, parse_object
+from web.services import services
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("functions", __name__, url_prefix="/functions/v1")
+
+ADMIN_MODES = {"fast": "sdxl_image_fast", "high": "sdxl_image_high"}
+ADMIN_POLL_S = 0.2
+
+
+def submit_and_publish(user_id: str, req: SubmitRequest) -> Submitted:
+    """Commit the job, then publish it. If the broker refuses, the job is
+    failed and refunded, and the client gets a 503: it was never accepted."""
+    svc = services()
+    submitted = submit_job(svc.db, user_id, req, max_attempts=svc.settings.max_attempts)
+    job = submitted.job
+    try:
+        svc.publish(job.id, job.job_type)
+    except Exception as e:
+        log.error("publish of job %s failed: %s", job.id, type(e).__name__)
+        completion.finish_job(svc.db, job.id, completion.Outcome(
+            JobStatus.FAILED, error="the job queue was unavailable; credits refunded"))
+        raise ServiceUnavailable("The job queue is unavailable; nothing was charged") from e
+    completion.mark_dispatched(svc.db, job.id)
+    return submitted
+
+
+@bp.post("/queue-job")
+@user_required
+def queue_job() -> Any:
+    body = parse(QueueJobBody)
+    req = SubmitRequest(job_type=body.job_type, metadata=body.metadata or {},
+                        project_id=body.project_id, image_id=body.image_id, video_id=body.video_id)
+    submitted = submit_and_publish(g.user_id, req)
+    spec, svc = submitted.spec, services()
+    return jsonify({
+        "success": True,
+        "job": job_record(submitted.job, svc.url_for_asset),
+        "message": f"{spec.name} job queued",
+        "queueLength": submitted.queue_length,
+        "modelVariant": spec.model_variant,
+        "jobType": spec.name,
+        "queue": spec.family.legacy_list,
+        "family": spec.family.value,
+        "isSDXL": spec.is_sdxl,
+        "negativePromptSupported": spec.is_sdxl,
+        "creditsCharged": spec.credits,
+        "tokenBalance": submitted.balance,
+        "debug": {
+            "userId": g.user_id,
+            "hasPrompt": True,
+            "redisConfigured": bool(svc.settings.redis_url
+                                    or svc.settings.broker_url.startswith("redis")),
+            "timestamp": iso(dt.datetime.now(dt.timezone.utc)),
+        },
+    })
+
+
+@bp.post("/job-callback")
+@worker_required
+def job_callback() -> Any:
+    svc = services()
+    report = parse_callback(svc.storage, svc.db, parse_object())
+    if report.status is JobStatus.PROCESSING:
+        result = completion.report_processing(svc.db, report.job_id, worker=f"callback:{g.worker_auth}",
+                                              lease_seconds=report.lease_seconds)
+    else:
+        result = completion.finish_job(svc.db, report.job_id, report.outcome)
+    job = result.job
+    return jsonify({"success": True, "changed": result.changed, "jobId": job.id,
+                    "status": job.status, "job": job_record(job, svc.url_for_asset)})
+
+
+@bp.post("/generate-admin-image")
+@admin_required
+def generate_admin_image() -> Any:
+    body = parse(AdminImageBody)
+    svc = services()
+    mode = body.mode or "fast"
+    job_type = ADMIN_MODES.get(mode, "sdxl_image_fast")
+    metadata = {**(body.metadata or {}), "prompt": body.prompt, "num_images": 1, "admin": True,
+                "mode": mode}
+    submitted = submit_and_publish(g.user_id, SubmitRequest(job_type=job_type, metadata=metadata))
+    job = _wait_for_end(submitted.job.id, svc.settings.admin_image_timeout)
+    if job.status == JobStatus.COMPLETED.value:
+        bucket, path = job.job_type, job.result["assets"][0]
+        url = svc.url_for_asset(bucket, path)
+        return jsonify({"success": True, "image": {
+            "id": job.image_id, "job_id": job.id, "url": url, "thumbnail_url": url,
+            "prompt": body.prompt, "mode": mode, "timestamp": iso(job.completed_at),
+            "metadata": {**(body.metadata or {}), "job_type": job_type, "seed": job.seed,
+                         "path": path, "bucket": bucket}}})
+    if JobStatus(job.status).is_terminal:
+        return jsonify({"success": False, "error": f"Generation {job.status}: {job.error_message}",
+                        "code": "generation_failed", "details": {"job_id": job.id}}), 502
+    return jsonify({"success": False, "error": "Generation did not finish in time; it continues",
+                    "code": "timeout", "details": {"job_id": job.id}}), 504
+
+
+def _wait_for_end(job_id: str, timeout: float) -> Any:
+    """Poll the job row (never a Celery result) until it ends or time runs out."""
+    svc = services()
+    deadline = time.monotonic() + timeout
+    while True:
+        job = queries.get_job(svc.db, g.user_id, job_id)
+        if JobStatus(job.status).is_terminal or time.monotonic() >= deadline:
+            return job
+        time.sleep(ADMIN_POLL_S)
