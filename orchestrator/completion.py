@@ -194,10 +194,12 @@ def finish_job(db: Database, job_id: str, outcome: Outcome) -> Transition:
     now = utcnow()
     values: dict[str, Any] = dict(
         status=status.value, completed_at=now, lease_owner=None, lease_expires_at=None,
-        started_at=func.coalesce(Job.started_at, now),
-        attempts=case((Job.attempts == 0, 1), else_=Job.attempts),
     )
     if status is JobStatus.COMPLETED:
+        # An external worker may report completion without a processing
+        # callback first: the run still happened, once.
+        values["started_at"] = func.coalesce(Job.started_at, now)
+        values["attempts"] = case((Job.attempts == 0, 1), else_=Job.attempts)
         values["progress"] = 100
         values["error_message"] = None
     else:

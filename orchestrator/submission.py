@@ -185,6 +185,7 @@ def submit_job(db: Database, user_id: str, req: SubmitRequest, *, max_attempts: 
             started_at=None, completed_at=None,
         )
         asset = _attach_asset(session, job, spec, req)
+        session.flush()  # the asset row first: the job references it
         if spec.is_video:
             job.video_id = asset.id
         else:

@@ -18,12 +18,9 @@ from orchestrator.models import Job
 from tasks.celery_app import celery_app
 from tasks.generators.base import GenerationSpec
 from tasks.routing import GENERATION_TASK
-from tasks.runtime import Runtime, runtime
+from tasks.runtime import CLAIMED, Runtime, runtime
 
 log = logging.getLogger(__name__)
-
-#: task id → the attempt this process claimed; the signal handlers fence with it.
-CLAIMED: dict[str, int] = {}
 
 PROGRESS_INTERVAL_S = 0.5
 LEASE_MARGIN_S = 60
@@ -107,3 +104,7 @@ def _store(rt: Runtime, job: Job, name: str, data: bytes) -> str:
     key = f"{job.user_id}/{name}"
     rt.storage.write(job.job_type, key, data, owner=job.user_id)
     return key
+
+
+# The completion handlers must be connected wherever this task can run.
+import tasks.signals  # noqa: E402,F401

@@ -36,6 +36,9 @@ class Runtime:
 
 _runtime: Runtime | None = None
 
+#: task id → the attempt this process claimed; the signal handlers fence with it.
+CLAIMED: dict[str, int] = {}
+
 
 def runtime() -> Runtime:
     global _runtime

@@ -16,7 +16,6 @@ from orchestrator import completion
 from orchestrator.errors import OrchestratorError
 from orchestrator.status import JobStatus
 from tasks import runtime as rt_module
-from tasks.generation import CLAIMED
 from tasks.routing import GENERATION_TASK
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,7 @@ def on_success(sender: Any = None, result: Any = None, **_: Any) -> None:
     if not _ours(sender) or not isinstance(result, dict):
         return
     job_id = result.get("job_id")
-    CLAIMED.pop(sender.request.id, None)
+    rt_module.CLAIMED.pop(sender.request.id, None)
     if result.get("skipped") or result.get("aborted") or job_id is None:
         return
     outcome = completion.Outcome(
@@ -61,7 +60,7 @@ def on_failure(sender: Any = None, task_id: str | None = None, exception: BaseEx
                **_: Any) -> None:
     if not _ours(sender) or task_id is None:
         return
-    attempt = CLAIMED.pop(task_id, None)
+    attempt = rt_module.CLAIMED.pop(task_id, None)
     if attempt is None:
         # Failed before it claimed the job (e.g. the database was down): the
         # job is still queued and the message will be offered again.
@@ -76,7 +75,7 @@ def on_failure(sender: Any = None, task_id: str | None = None, exception: BaseEx
 def on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
     if not _ours(sender) or request is None:
         return
-    attempt = CLAIMED.pop(request.id, None)
+    attempt = rt_module.CLAIMED.pop(request.id, None)
     if attempt is not None:
         completion.requeue_for_retry(rt_module.runtime().db, request.id, attempt,
                                      _client_message(getattr(reason, "exc", None)))
@@ -86,6 +85,6 @@ def on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: A
 def on_revoked(sender: Any = None, request: Any = None, terminated: bool = False, **_: Any) -> None:
     if request is None or getattr(request, "name", None) != GENERATION_TASK:
         return
-    attempt = CLAIMED.pop(request.id, None)
+    attempt = rt_module.CLAIMED.pop(request.id, None)
     completion.finish_job(rt_module.runtime().db, request.id, completion.Outcome(
         JobStatus.CANCELLED, attempt=attempt, error="revoked by operator"))
