@@ -141,13 +141,12 @@ def jobs_show(job_id: str, with_events: bool) -> None:
 def show_config() -> None:
     """Effective settings, with secrets masked."""
     s = _settings()
-    secret = {"jwt_secret", "worker_token", "worker_secrets"}
+    masked = {"jwt_secret": "JWT_SECRET", "worker_token": "WORKER_TOKEN",
+              "worker_secrets": "WORKER_SECRET"}
     for name, value in sorted(vars(s).items()):
-        if name in secret:
-            value = "(development default)" if name.upper().rstrip("S") in {
-                d.rstrip("S") for d in s.dev_secrets} else "(set)"
+        if name in masked:
+            value = "(development default)" if masked[name] in s.dev_secrets else "(set)"
         click.echo(f"{name} = {value}")
-
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

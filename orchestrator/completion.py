@@ -21,6 +21,7 @@ from orchestrator import credits, events
 from orchestrator.db import Database
 from orchestrator.errors import Conflict, NotFound
 from orchestrator.models import Image, Job, Video, utcnow
+from orchestrator.queries import is_uuid
 from orchestrator.status import ASSET_STATUS_FOR, JobStatus, sources_of
 
 TITLE_CHARS = 60
@@ -246,8 +247,10 @@ def cancel_job(db: Database, user_id: str, job_id: str) -> Job:
         NotFound: no such job of this user.
         Conflict: the job already ended.
     """
-    with db.session() as session:
-        owner = session.execute(select(Job.user_id).where(Job.id == job_id)).scalar_one_or_none()
+    owner = None
+    if is_uuid(job_id):
+        with db.session() as session:
+            owner = session.execute(select(Job.user_id).where(Job.id == job_id)).scalar_one_or_none()
     if owner != user_id:
         raise NotFound("Job not found")
     result = finish_job(db, job_id, Outcome(JobStatus.CANCELLED, error="cancelled by user"))

@@ -29,12 +29,14 @@ QUEUES = tuple(Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
 def route_for(spec: JobType) -> dict[str, Any]:
-    """``apply_async`` options for a job of this type: its queue and time limits."""
-    queue = spec.family.value
+    """``apply_async`` options for a job of this type: its queue and time limits.
+
+    Only the queue is named, so Celery publishes through the anonymous direct
+    exchange straight to the queue: on Redis that needs no binding table, and
+    a flushed or restarted Redis cannot make later messages vanish.
+    """
     return {
-        "queue": queue,
-        "exchange": queue,
-        "routing_key": queue,
+        "queue": spec.family.value,
         "soft_time_limit": spec.soft_time_limit,
         "time_limit": spec.hard_time_limit,
     }

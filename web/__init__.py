@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from typing import Any
 
@@ -14,6 +15,7 @@ from orchestrator.storage import LocalStorage, UrlSigner
 from web.services import Publisher, Services, signing_key
 
 MAX_BODY_BYTES = 1024 * 1024
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def create_app(settings: Settings | None = None, *, publisher: Publisher | None = None) -> Flask:
@@ -49,7 +51,8 @@ def create_app(settings: Settings | None = None, *, publisher: Publisher | None 
 
     @app.before_request
     def _request_id() -> None:
-        g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        given = request.headers.get("X-Request-Id", "")
+        g.request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
     @app.after_request
     def _headers(response: Any) -> Any:
