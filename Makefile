@@ -21,7 +21,7 @@ migrate: venv
 
 ## run: web on $(PORT) + an sdxl worker + a wan worker + beat, on SQLite under ./var/. Ctrl-C stops all.
 run: migrate
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho -f Procfile start -p $(PORT) web worker_sdxl worker_wan
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho -f Procfile start -p $(PORT) web worker_sdxl worker_wan worker_maintenance beat
 
 ## test: the whole suite (needs PostgreSQL and Redis on 127.0.0.1; .ci/run starts them).
 test: venv

@@ -7,6 +7,7 @@
     orchestrator grant-credits UUID N
     orchestrator jobs list|show        inspect jobs and their event log
     orchestrator config                effective settings, secrets masked
+    orchestrator reconcile             one reconciler pass (from the tasks package)
 """
 from __future__ import annotations
 
@@ -147,6 +148,17 @@ def show_config() -> None:
         if name in masked:
             value = "(development default)" if masked[name] in s.dev_secrets else "(set)"
         click.echo(f"{name} = {value}")
+
+def _plugin_commands() -> None:
+    """Commands other packages add (``tasks`` adds ``reconcile``), by entry point."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="orchestrator.commands"):
+        main.add_command(ep.load(), ep.name)
+
+
+_plugin_commands()
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

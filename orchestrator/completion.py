@@ -14,7 +14,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from orchestrator import credits, events
@@ -111,26 +111,62 @@ def _emit(session: Session, job: Job, asset: Image | Video | None, kind: str | N
 
 
 def start_job(db: Database, job_id: str, *, worker: str, lease_seconds: int) -> Job | None:
-    """Claim a queued job for a worker: ``queued → processing``, next attempt.
+    """Claim a job for a worker: ``queued → processing``, next attempt, a lease.
 
-    Returns the claimed job, or None when the job is not queued (already
-    running elsewhere, finished, cancelled) or out of attempts: do no work.
+    A ``processing`` job whose lease has expired (its worker died) may be
+    claimed too, so a redelivered message need not wait for the reconciler.
+    Returns the claimed job, or None when the job is not claimable (running
+    elsewhere, finished, cancelled) or out of attempts: do no work.
     """
     now = utcnow()
+    claimable = or_(Job.status == JobStatus.QUEUED.value,
+                    and_(Job.status == JobStatus.PROCESSING.value, Job.lease_expires_at < now))
     with db.transaction() as session:
-        job = _cas(session, job_id, (JobStatus.QUEUED.value,), None,
-                   Job.attempts < Job.max_attempts,
+        job = _cas(session, job_id, (JobStatus.QUEUED.value, JobStatus.PROCESSING.value), None,
+                   claimable, Job.attempts < Job.max_attempts,
                    status=JobStatus.PROCESSING.value, attempts=Job.attempts + 1, progress=0,
-                   started_at=now, lease_owner=worker,
+                   started_at=now, lease_owner=worker, error_message=None,
                    lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
         if job is not None:
             _emit(session, job, _sync_asset(session, job))
             return job
         current = session.get(Job, job_id)
-    if current is not None and current.status == JobStatus.QUEUED.value:
+    if current is not None and current.attempts >= current.max_attempts and (
+            current.status == JobStatus.QUEUED.value
+            or (current.status == JobStatus.PROCESSING.value
+                and current.lease_expires_at is not None and current.lease_expires_at < now)):
         # Out of attempts: end the job instead of looping on it.
-        finish_job(db, job_id, Outcome(JobStatus.FAILED, error="attempts exhausted"))
+        fail_exhausted(db, current)
     return None
+
+
+def fail_exhausted(db: Database, job: Job) -> Transition:
+    """End a job whose every attempt was used (its workers kept dying)."""
+    return finish_job(db, job.id, Outcome(
+        JobStatus.FAILED, attempt=job.attempts,
+        error=f"worker lost; all {job.max_attempts} attempts used"),
+        guards=(or_(Job.status == JobStatus.QUEUED.value, Job.lease_expires_at < utcnow()),))
+
+
+def renew_lease(db: Database, job_id: str, attempt: int, lease_seconds: int) -> bool:
+    """Extend a running job's lease. False: the run is no longer current (stop)."""
+    with db.transaction() as session:
+        return _cas(session, job_id, (JobStatus.PROCESSING.value,), attempt,
+                    lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds)) is not None
+
+
+def requeue_expired(db: Database, job_id: str, attempt: int) -> bool:
+    """A dead worker's job, attempts left: ``processing → queued``, to be published again."""
+    with db.transaction() as session:
+        job = _cas(session, job_id, (JobStatus.PROCESSING.value,), attempt,
+                   Job.lease_expires_at < utcnow(), Job.attempts < Job.max_attempts,
+                   status=JobStatus.QUEUED.value, lease_owner=None, lease_expires_at=None,
+                   dispatched_at=None, progress=0,
+                   error_message=f"worker lost during attempt {attempt}; requeued")
+        if job is None:
+            return False
+        _emit(session, job, _sync_asset(session, job), "requeued")
+        return True
 
 
 def report_processing(db: Database, job_id: str, *, worker: str, lease_seconds: int,
@@ -181,7 +217,7 @@ def record_enhancement(db: Database, job_id: str, attempt: int, *, prompt: str, 
         return True
 
 
-def finish_job(db: Database, job_id: str, outcome: Outcome) -> Transition:
+def finish_job(db: Database, job_id: str, outcome: Outcome, *, guards: tuple[Any, ...] = ()) -> Transition:
     """End a job: completed, failed or cancelled. Idempotent.
 
     A completion with no assets is a failure. Failed and cancelled jobs are
@@ -209,7 +245,7 @@ def finish_job(db: Database, job_id: str, outcome: Outcome) -> Transition:
         values["enhanced_prompt"] = outcome.enhanced_prompt
     sources = tuple(s for s in sources_of(status) if s != JobStatus.FAILED.value)
     with db.transaction() as session:
-        job = _cas(session, job_id, sources, outcome.attempt, **values)
+        job = _cas(session, job_id, sources, outcome.attempt, *guards, **values)
         if job is None:
             return Transition(_load(session, job_id), False)
         meta = dict(job.metadata_ or {})

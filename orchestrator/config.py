@@ -83,7 +83,13 @@ class Settings:
     max_attempts: int = 3
     url_ttl_seconds: int = 3600
     admin_image_timeout: float = 60.0
-    publish_timeout: float = 2.0
+    publish_timeout: float = 1.0
+    lease_seconds: int = 60
+    reconcile_interval: float = 10.0
+    publish_grace: float = 10.0
+    reoffer_after: float = 900.0
+    max_queue_wait: float = 6 * 3600.0
+    faults: bool = False
     dev_secrets: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
@@ -128,9 +134,19 @@ class Settings:
             max_attempts=_int(env, "MAX_ATTEMPTS", 3),
             url_ttl_seconds=_int(env, "URL_TTL_SECONDS", 3600),
             admin_image_timeout=_float(env, "ADMIN_IMAGE_TIMEOUT", 60.0),
-            publish_timeout=_float(env, "PUBLISH_TIMEOUT", 2.0),
+            publish_timeout=_float(env, "PUBLISH_TIMEOUT", 1.0),
+            lease_seconds=_int(env, "LEASE_SECONDS", 60),
+            reconcile_interval=_float(env, "RECONCILE_INTERVAL", 10.0),
+            publish_grace=_float(env, "PUBLISH_GRACE", 10.0),
+            reoffer_after=_float(env, "REOFFER_AFTER", 900.0),
+            max_queue_wait=_float(env, "MAX_QUEUE_WAIT", 6 * 3600.0),
+            faults=env.get("ORCHESTRATOR_FAULTS", "") == "1",
             dev_secrets=dev,
         )
+        if settings.faults and mode == "production":
+            raise ConfigurationError("ORCHESTRATOR_FAULTS (fault injection) is refused in production")
+        if settings.lease_seconds < 2:
+            raise ConfigurationError("LEASE_SECONDS must be >= 2")
         if settings.generation_time_scale < 0:
             raise ConfigurationError("GENERATION_TIME_SCALE must be >= 0")
         if settings.max_attempts < 1:

@@ -12,6 +12,7 @@ decides retries from the class alone::
     ├── NotFound                      404 not_found
     ├── Conflict                      409 conflict
     ├── PayloadTooLarge               413 payload_too_large
+    ├── Unprocessable                 422 unprocessable
     ├── RateLimited                   429 rate_limited
     ├── ServiceUnavailable            503 unavailable
     └── GenerationError               500 generation_failed  (raised inside workers)
@@ -67,6 +68,11 @@ class Conflict(OrchestratorError):
 class PayloadTooLarge(OrchestratorError):
     status = 413
     code = "payload_too_large"
+
+
+class Unprocessable(OrchestratorError):
+    status = 422
+    code = "unprocessable"
 
 
 class RateLimited(OrchestratorError):

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from orchestrator import credits, events
+from orchestrator import credits, events, idempotency
 from orchestrator.db import Database
-from orchestrator.errors import InvalidRequest, NotFound
+from orchestrator.errors import Conflict, InvalidRequest, NotFound
+from orchestrator.idempotency import KeyedRequest, StoredAnswer
 from orchestrator.jobtypes import JOB_TYPES, VALID_JOB_TYPES, JobType
 from orchestrator.models import Image, Job, Project, Video, utcnow
+from orchestrator.queries import is_uuid
 from orchestrator.prompts import build_negative_prompt
 from orchestrator.status import AssetStatus, JobStatus
 
@@ -43,6 +46,15 @@ class Submitted:
     spec: JobType
     queue_length: int
     balance: int
+    answer: StoredAnswer | None = None
+
+
+#: Builds the client's answer inside the submitting transaction (for Idempotency-Key).
+Answer = Callable[["Submitted"], tuple[int, dict[str, Any]]]
+
+
+class DuplicateKey(Conflict):
+    """Another request with the same Idempotency-Key committed first."""
 
 
 def derive_seed(job_id: str) -> int:
@@ -154,13 +166,18 @@ def queue_length(session: Session, family: str) -> int:
     ).scalar_one()
 
 
-def submit_job(db: Database, user_id: str, req: SubmitRequest, *, max_attempts: int) -> Submitted:
+def submit_job(db: Database, user_id: str, req: SubmitRequest, *, max_attempts: int,
+               key: KeyedRequest | None = None, answer: Answer | None = None) -> Submitted:
     """Record and charge a new job; commit before returning.
+
+    With ``key`` and ``answer``, the client's answer is stored under its
+    Idempotency-Key in the same transaction as the job.
 
     Raises:
         InvalidRequest: unknown type, bad ids or options, no prompt.
         NotFound: the project or image/video is not this user's.
         InsufficientCredits: the balance is below the type's price.
+        DuplicateKey: a concurrent request with the same key won.
     """
     spec = resolve_job_type(req.job_type)
     _check_ids(spec, req)
@@ -195,5 +212,67 @@ def submit_job(db: Database, user_id: str, req: SubmitRequest, *, max_attempts: 
                        reason="job_charge", balance_after=balance, charge_no=1)
         events.append(session, events.job_event(job, "queued"), events.asset_event(asset, job_id))
         session.flush()
-        waiting = queue_length(session, spec.family.value)
-    return Submitted(job=job, spec=spec, queue_length=waiting, balance=balance)
+        submitted = Submitted(job=job, spec=spec, queue_length=queue_length(session, spec.family.value),
+                              balance=balance)
+        if key is not None and answer is not None:
+            status, body = answer(submitted)
+            try:
+                idempotency.store(session, key, status, body, job_id)
+            except IntegrityError as e:
+                raise DuplicateKey("A request with this Idempotency-Key was just accepted") from e
+            submitted = replace(submitted, answer=StoredAnswer(status, body))
+    return submitted
+
+
+def retry_job(db: Database, user_id: str, job_id: str, *, max_attempts: int) -> Submitted:
+    """Requeue a failed job as a new run: charged again, refunded again if it fails.
+
+    Attempt numbers keep counting (so a late writer of an old run stays
+    fenced off); the new run gets ``max_attempts`` more of them.
+
+    Raises:
+        NotFound: no such job of this user.
+        Conflict: the job is not failed.
+        InsufficientCredits: the balance is below the job's price.
+    """
+    if not is_uuid(job_id):
+        raise NotFound("Job not found")
+    with db.transaction() as session:
+        job = session.execute(select(Job).where(Job.id == job_id, Job.user_id == user_id)
+                              ).scalar_one_or_none()
+        if job is None:
+            raise NotFound("Job not found")
+        if job.status != JobStatus.FAILED.value:
+            raise Conflict(f"Only failed jobs can be retried; this one is {job.status}",
+                           details={"status": job.status})
+        balance = credits.debit(session, user_id, job.credits)
+        charge_no = job.charges + 1
+        meta = {k: v for k, v in (job.metadata_ or {}).items()
+                if k not in ("primary_asset", "all_assets")}
+        job = session.execute(
+            update(Job).where(Job.id == job_id, Job.status == JobStatus.FAILED.value,
+                              Job.charges == job.charges)
+            .values(status=JobStatus.QUEUED.value, charges=charge_no, progress=0,
+                    max_attempts=Job.attempts + max_attempts, error_message=None, result=None,
+                    completed_at=None, dispatched_at=None, lease_owner=None,
+                    lease_expires_at=None, metadata_=meta, updated_at=utcnow())
+            .returning(Job).execution_options(synchronize_session=False)
+        ).scalar_one_or_none()
+        if job is None:
+            raise Conflict("The job changed while it was being retried")
+        credits.record(session, user_id=user_id, job_id=job_id, delta=-job.credits,
+                       reason="job_charge", balance_after=balance, charge_no=charge_no)
+        asset = (session.get(Video, job.video_id) if job.video_id
+                 else session.get(Image, job.image_id) if job.image_id else None)
+        evs = [events.job_event(job, "retried")]
+        if asset is not None:
+            asset.status = AssetStatus.QUEUED.value
+            asset.completed_at = None
+            asset.updated_at = utcnow()
+            session.flush()
+            evs.append(events.asset_event(asset, job_id))
+        events.append(session, *evs)
+        session.flush()
+        spec = JOB_TYPES[job.job_type]
+        return Submitted(job=job, spec=spec, queue_length=queue_length(session, job.family),
+                         balance=balance)

@@ -13,7 +13,7 @@ from celery import Celery
 from orchestrator.config import get_settings
 from tasks.config import celery_config
 
-celery_app = Celery("orchestrator", include=["tasks.generation", "tasks.signals"])
+celery_app = Celery("orchestrator", include=["tasks.generation", "tasks.signals", "tasks.maintenance"])
 
 
 @celery_app.on_configure.connect

@@ -10,7 +10,7 @@ from typing import Any
 
 from orchestrator.config import ConfigurationError, Settings
 from orchestrator.jobtypes import LONGEST_HARD_TIME_LIMIT
-from tasks.routing import QUEUES, QueueNames
+from tasks.routing import QUEUES, RECONCILE_TASK, QueueNames
 
 #: Seconds a reserved-but-unacked Redis message stays invisible before
 #: redelivery: above the longest hard time limit, or a long job would be
@@ -45,6 +45,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=settings.publish_timeout,
         worker_hijack_root_logger=False,
+        task_routes={RECONCILE_TASK: {"queue": QueueNames.MAINTENANCE}},
+        beat_schedule={
+            "reconcile": {
+                "task": RECONCILE_TASK,
+                "schedule": settings.reconcile_interval,
+                # A pass that could not run in time is replaced by the next one.
+                "options": {"queue": QueueNames.MAINTENANCE, "expires": settings.reconcile_interval},
+            },
+        },
     )
     if _uses_visibility_timeout(broker):
         conf["broker_transport_options"] = {"visibility_timeout": VISIBILITY_TIMEOUT}

@@ -6,14 +6,16 @@ The task only does the work and returns what it made; the signal handlers in
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
 from celery import Task
+from sqlalchemy.exc import DBAPIError
 
-from orchestrator import completion
+from orchestrator import completion, faults
 from orchestrator.errors import TransientGenerationError
-from orchestrator.jobtypes import JOB_TYPES, LONGEST_HARD_TIME_LIMIT, Family
+from orchestrator.jobtypes import JOB_TYPES, Family
 from orchestrator.models import Job
 from tasks.celery_app import celery_app
 from tasks.generators.base import GenerationSpec
@@ -23,30 +25,68 @@ from tasks.runtime import CLAIMED, Runtime, runtime
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.5
-LEASE_MARGIN_S = 60
+CLAIM_RETRY_S = 2
 
 
 class RunAborted(Exception):
     """The job was cancelled or taken over while it ran: stop, record nothing."""
 
 
+class LeaseKeeper:
+    """Renews the job's lease from a background thread while the job runs.
+
+    The lease outlives a few missed heartbeats, no more: when a worker dies,
+    its job is claimable again within ``lease_seconds``. When a renewal finds
+    the run no longer current (cancelled, taken over), ``lost`` is set and the
+    next progress report stops the run.
+    """
+
+    def __init__(self, rt: Runtime, job: Job) -> None:
+        self.rt, self.job = rt, job
+        self.lease_seconds = rt.settings.lease_seconds
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job.id}", daemon=True)
+
+    def __enter__(self) -> "LeaseKeeper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        interval = max(self.lease_seconds / 4, 0.5)
+        while not self._stop.wait(interval):
+            try:
+                if not completion.renew_lease(self.rt.db, self.job.id, self.job.attempts,
+                                              self.lease_seconds):
+                    self.lost.set()
+                    return
+            except Exception as e:  # noqa: BLE001 - database down: keep trying, the lease may hold
+                log.warning("lease renewal for job %s failed: %s", self.job.id, type(e).__name__)
+
+
 class ProgressReporter:
     """Writes progress at a bounded rate; raises :class:`RunAborted` when the
-    guarded write finds the run no longer current (cooperative cancel)."""
+    run is no longer current (cooperative cancel)."""
 
-    def __init__(self, rt: Runtime, job: Job, lease_seconds: int) -> None:
-        self.rt, self.job, self.lease_seconds = rt, job, lease_seconds
+    def __init__(self, rt: Runtime, job: Job, keeper: LeaseKeeper) -> None:
+        self.rt, self.job, self.keeper = rt, job, keeper
         self.last_write = time.monotonic()
         self.last_pct = 0
 
     def __call__(self, step: int, total: int) -> None:
+        if self.keeper.lost.is_set():
+            raise RunAborted(self.job.id)
         pct = int(step * 100 / max(total, 1))
         now = time.monotonic()
         if pct <= self.last_pct or now - self.last_write < PROGRESS_INTERVAL_S:
             return
         self.last_write, self.last_pct = now, pct
         if not completion.record_progress(self.rt.db, self.job.id, self.job.attempts, min(pct, 99),
-                                          lease_seconds=self.lease_seconds):
+                                          lease_seconds=self.keeper.lease_seconds):
             raise RunAborted(self.job.id)
 
 
@@ -66,36 +106,43 @@ def _spec(job: Job, prompt: str, time_scale: float) -> GenerationSpec:
 def run_generation(self: Task, job_id: str) -> dict[str, Any]:
     """Run one job. Returns ``{"skipped": True}`` when the job was not ours to run."""
     rt = runtime()
-    # The type is unknown before the claim: lease for the longest type; the
-    # first progress write shortens it to this type's limit.
-    job = completion.start_job(rt.db, job_id, worker=rt.worker_id,
-                               lease_seconds=LONGEST_HARD_TIME_LIMIT + LEASE_MARGIN_S)
+    try:
+        job = completion.start_job(rt.db, job_id, worker=rt.worker_id,
+                                   lease_seconds=rt.settings.lease_seconds)
+    except DBAPIError as e:
+        # The database is down: the job is untouched; try this message again later.
+        log.warning("cannot claim job %s (%s); retrying", job_id, type(e).__name__)
+        raise self.retry(exc=e, countdown=CLAIM_RETRY_S)
     if job is None:
-        log.info("job %s not queued; skipping delivery", job_id)
+        log.info("job %s not claimable; skipping delivery", job_id)
         return {"job_id": job_id, "skipped": True}
     CLAIMED[self.request.id] = job.attempts
     spec = JOB_TYPES[job.job_type]
-    lease = spec.hard_time_limit + LEASE_MARGIN_S
-    try:
-        prompt = job.prompt
-        if spec.enhanced:
-            enh = rt.enhancer.enhance(prompt, format=spec.format, quality=spec.quality)
-            if not completion.record_enhancement(rt.db, job.id, job.attempts, prompt=enh.prompt,
-                                                 backend=enh.backend, error=enh.error):
+    with LeaseKeeper(rt, job) as keeper:
+        try:
+            faults.at_job_start(rt.settings, job.metadata_, job.attempts)
+            prompt = job.prompt
+            if spec.enhanced:
+                enh = rt.enhancer.enhance(prompt, format=spec.format, quality=spec.quality)
+                if not completion.record_enhancement(rt.db, job.id, job.attempts, prompt=enh.prompt,
+                                                     backend=enh.backend, error=enh.error):
+                    raise RunAborted(job.id)
+                prompt = enh.prompt
+            result = rt.generator(Family(job.family)).generate(
+                _spec(job, prompt, rt.settings.generation_time_scale),
+                ProgressReporter(rt, job, keeper))
+            if keeper.lost.is_set():
                 raise RunAborted(job.id)
-            prompt = enh.prompt
-        result = rt.generator(Family(job.family)).generate(
-            _spec(job, prompt, rt.settings.generation_time_scale),
-            ProgressReporter(rt, job, lease))
-        paths = [_store(rt, job, f.name, f.data) for f in result.files]
-        thumb = _store(rt, job, result.thumbnail.name, result.thumbnail.data) if result.thumbnail else None
-    except RunAborted:
-        log.info("job %s attempt %s aborted (cancelled or superseded)", job.id, job.attempts)
-        return {"job_id": job.id, "attempt": job.attempts, "aborted": True}
-    except TransientGenerationError as e:
-        if job.attempts < job.max_attempts:
-            raise self.retry(exc=e, countdown=min(2 ** job.attempts, 60))
-        raise
+            paths = [_store(rt, job, f.name, f.data) for f in result.files]
+            thumb = (_store(rt, job, result.thumbnail.name, result.thumbnail.data)
+                     if result.thumbnail else None)
+        except RunAborted:
+            log.info("job %s attempt %s aborted (cancelled or superseded)", job.id, job.attempts)
+            return {"job_id": job.id, "attempt": job.attempts, "aborted": True}
+        except TransientGenerationError as e:
+            if job.attempts < job.max_attempts:
+                raise self.retry(exc=e, countdown=min(2 ** job.attempts, 60))
+            raise
     return {"job_id": job.id, "attempt": job.attempts, "assets": paths, "thumbnail": thumb,
             "enhanced_prompt": prompt if spec.enhanced else None, "metadata": result.metadata}
 

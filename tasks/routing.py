@@ -16,13 +16,16 @@ from orchestrator.jobtypes import Family, JobType
 class QueueNames:
     SDXL = Family.SDXL.value
     WAN = Family.WAN.value
+    #: Housekeeping (the reconciler): never behind a GPU job.
+    MAINTENANCE = "maintenance"
 
     @classmethod
     def all(cls) -> tuple[str, ...]:
-        return (cls.SDXL, cls.WAN)
+        return (cls.SDXL, cls.WAN, cls.MAINTENANCE)
 
 
 GENERATION_TASK = "generation.run"
+RECONCILE_TASK = "maintenance.reconcile"
 
 QUEUES = tuple(Queue(name, Exchange(name, type="direct"), routing_key=name)
                for name in QueueNames.all())

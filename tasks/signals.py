@@ -7,10 +7,12 @@ changes nothing.
 from __future__ import annotations
 
 import logging
-from typing import Any
+import time
+from typing import Any, Callable, TypeVar
 
 from celery import signals
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from sqlalchemy.exc import DBAPIError
 
 from orchestrator import completion
 from orchestrator.errors import OrchestratorError
@@ -19,6 +21,30 @@ from tasks import runtime as rt_module
 from tasks.routing import GENERATION_TASK
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+DB_RETRY_LIMIT_S = 15 * 60
+
+
+def _until_recorded(action: Callable[[], T], what: str) -> T | None:
+    """Run a completion write, retrying while the database is down.
+
+    The files are already stored; losing the write would leave the job to the
+    reconciler (a second, needless run). Gives up after ``DB_RETRY_LIMIT_S``;
+    by then the lease has expired and the reconciler owns the job anyway.
+    """
+    deadline = time.monotonic() + DB_RETRY_LIMIT_S
+    delay = 0.5
+    while True:
+        try:
+            return action()
+        except DBAPIError as e:
+            if time.monotonic() + delay > deadline:
+                log.error("gave up recording %s: database unavailable", what)
+                return None
+            log.warning("recording %s failed (%s); retrying in %.1fs", what, type(e).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def _ours(sender: Any) -> bool:
@@ -51,8 +77,10 @@ def on_success(sender: Any = None, result: Any = None, **_: Any) -> None:
         JobStatus.COMPLETED, attempt=result["attempt"], assets=result.get("assets") or [],
         thumbnail=result.get("thumbnail"), enhanced_prompt=result.get("enhanced_prompt"),
         metadata=result.get("metadata") or {})
-    done = completion.finish_job(rt_module.runtime().db, job_id, outcome)
-    log.info("job %s attempt %s completed (changed=%s)", job_id, result["attempt"], done.changed)
+    done = _until_recorded(lambda: completion.finish_job(rt_module.runtime().db, job_id, outcome),
+                           f"completion of job {job_id}")
+    log.info("job %s attempt %s completed (changed=%s)", job_id, result["attempt"],
+             done.changed if done else None)
 
 
 @signals.task_failure.connect
@@ -67,7 +95,8 @@ def on_failure(sender: Any = None, task_id: str | None = None, exception: BaseEx
         log.warning("task %s failed before claiming its job: %r", task_id, exception)
         return
     outcome = completion.Outcome(JobStatus.FAILED, attempt=attempt, error=_client_message(exception))
-    completion.finish_job(rt_module.runtime().db, task_id, outcome)
+    _until_recorded(lambda: completion.finish_job(rt_module.runtime().db, task_id, outcome),
+                    f"failure of job {task_id}")
     log.info("job %s attempt %s failed: %s", task_id, attempt, outcome.error)
 
 
@@ -77,8 +106,10 @@ def on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: A
         return
     attempt = rt_module.CLAIMED.pop(request.id, None)
     if attempt is not None:
-        completion.requeue_for_retry(rt_module.runtime().db, request.id, attempt,
-                                     _client_message(getattr(reason, "exc", None)))
+        message = _client_message(getattr(reason, "exc", None))
+        _until_recorded(lambda: completion.requeue_for_retry(rt_module.runtime().db, request.id,
+                                                             attempt, message),
+                        f"retry of job {request.id}")
 
 
 @signals.task_revoked.connect

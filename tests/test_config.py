@@ -44,7 +44,8 @@ def test_celery_settings_for_long_tasks_on_redis() -> None:
     assert conf["worker_prefetch_multiplier"] == 1 and conf["task_track_started"]
     assert conf["broker_transport_options"]["visibility_timeout"] > LONGEST_HARD_TIME_LIMIT
     assert conf["result_backend_transport_options"]["visibility_timeout"] > LONGEST_HARD_TIME_LIMIT
-    assert {q.name for q in conf["task_queues"]} == {"sdxl", "wan"}
+    assert {q.name for q in conf["task_queues"]} == {"sdxl", "wan", "maintenance"}
+    assert conf["beat_schedule"]["reconcile"]["options"]["queue"] == "maintenance"
 
 
 def test_inconsistent_celery_settings_are_refused() -> None:

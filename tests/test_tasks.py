@@ -152,4 +152,4 @@ def test_attempts_are_capped(db: Database, worker_runtime) -> None:  # type: ign
     assert completion.start_job(db, job.id, worker="w", lease_seconds=60) is None
     with db.session() as s:
         done = s.get(Job, job.id)
-    assert done.status == "failed" and done.error_message == "attempts exhausted"
+    assert done.status == "failed" and done.error_message == "worker lost; all 3 attempts used"

@@ -5,12 +5,13 @@ from typing import Any
 
 from flask import Blueprint, g, jsonify, request
 
-from orchestrator import completion, queries
+from orchestrator import completion, queries, submission
 from orchestrator.errors import InvalidRequest
 from orchestrator.records import asset_record, image_row, job_record, video_row
-from orchestrator.submission import SubmitRequest
+from orchestrator.submission import SubmitRequest, Submitted
 from web.auth import user_required
-from web.functions import submit_and_publish
+from web.functions import publish_committed, submit_and_publish
+from web.idempotent import keyed_write
 from web.schemas import AssetBody, ProjectBody, QueueJobBody, parse
 from web.services import services
 
@@ -21,15 +22,18 @@ def _job(job: Any) -> dict[str, Any]:
     return job_record(job, services().url_for_asset)
 
 
+def _created_answer(submitted: Submitted) -> tuple[int, dict[str, Any]]:
+    return 201, {"job": _job(submitted.job), "queue_length": submitted.queue_length,
+                 "token_balance": submitted.balance}
+
+
 @bp.post("/jobs")
 @user_required
 def create_job() -> Any:
     body = parse(QueueJobBody)
-    submitted = submit_and_publish(g.user_id, SubmitRequest(
+    return submit_and_publish(g.user_id, SubmitRequest(
         job_type=body.job_type, metadata=body.metadata or {}, project_id=body.project_id,
-        image_id=body.image_id, video_id=body.video_id))
-    return jsonify({"job": _job(submitted.job), "queue_length": submitted.queue_length,
-                    "token_balance": submitted.balance}), 201
+        image_id=body.image_id, video_id=body.video_id), _created_answer)
 
 
 @bp.get("/jobs")
@@ -54,7 +58,24 @@ def get_job(job_id: str) -> Any:
 @bp.post("/jobs/<job_id>/cancel")
 @user_required
 def cancel_job(job_id: str) -> Any:
-    return jsonify(_job(completion.cancel_job(services().db, g.user_id, job_id)))
+    return keyed_write(g.user_id, lambda: (
+        200, _job(completion.cancel_job(services().db, g.user_id, job_id))))
+
+
+@bp.post("/jobs/<job_id>/retry")
+@user_required
+def retry_job(job_id: str) -> Any:
+    """Requeue a failed job as a new run (charged again; refunded if it fails)."""
+
+    def run() -> tuple[int, dict[str, Any]]:
+        svc = services()
+        submitted = submission.retry_job(svc.db, g.user_id, job_id,
+                                         max_attempts=svc.settings.max_attempts)
+        publish_committed(submitted.job)
+        return 200, {"job": _job(submitted.job), "queue_length": submitted.queue_length,
+                     "token_balance": submitted.balance}
+
+    return keyed_write(g.user_id, run)
 
 
 @bp.get("/images/<image_id>")

@@ -7,13 +7,14 @@ import time
 from typing import Any
 
 from flask import Blueprint, g, jsonify
+from sqlalchemy.exc import DBAPIError
 
-from orchestrator import completion, queries
+from orchestrator import completion, faults, idempotency, queries
 from orchestrator.callbacks import parse_callback
-from orchestrator.errors import ServiceUnavailable
 from orchestrator.records import iso, job_record
 from orchestrator.status import JobStatus
-from orchestrator.submission import SubmitRequest, Submitted, submit_job
+from orchestrator.submission import Answer, DuplicateKey, SubmitRequest, Submitted, submit_job
+from web import idempotent
 from web.auth import admin_required, user_required, worker_required
 from web.schemas import AdminImageBody, QueueJobBody, parse, parse_object
 from web.services import services
@@ -26,32 +27,51 @@ ADMIN_MODES = {"fast": "sdxl_image_fast", "high": "sdxl_image_high"}
 ADMIN_POLL_S = 0.2
 
 
-def submit_and_publish(user_id: str, req: SubmitRequest) -> Submitted:
-    """Commit the job, then publish it. If the broker refuses, the job is
-    failed and refunded, and the client gets a 503: it was never accepted."""
+def publish_committed(job: Any, metadata: dict[str, Any] | None = None) -> None:
+    """Publish a committed job. Once committed the job is accepted: if the
+    broker refuses the message, the job stays queued without ``dispatched_at``
+    and the reconciler publishes it when the broker is back."""
     svc = services()
-    submitted = submit_job(svc.db, user_id, req, max_attempts=svc.settings.max_attempts)
-    job = submitted.job
+    faults.before_publish(svc.settings, metadata)
     try:
         svc.publish(job.id, job.job_type)
-    except Exception as e:
-        log.error("publish of job %s failed: %s", job.id, type(e).__name__)
-        completion.finish_job(svc.db, job.id, completion.Outcome(
-            JobStatus.FAILED, error="the job queue was unavailable; credits refunded"))
-        raise ServiceUnavailable("The job queue is unavailable; nothing was charged") from e
-    completion.mark_dispatched(svc.db, job.id)
-    return submitted
+    except Exception as e:  # noqa: BLE001 - any broker failure leaves the job to the reconciler
+        log.warning("publish of job %s failed (%s); the reconciler will publish it",
+                    job.id, type(e).__name__)
+        return
+    try:
+        completion.mark_dispatched(svc.db, job.id)
+    except DBAPIError as e:
+        # Published but not marked: the reconciler may offer it again, which is harmless.
+        log.warning("could not mark job %s dispatched (%s)", job.id, type(e).__name__)
 
 
-@bp.post("/queue-job")
-@user_required
-def queue_job() -> Any:
-    body = parse(QueueJobBody)
-    req = SubmitRequest(job_type=body.job_type, metadata=body.metadata or {},
-                        project_id=body.project_id, image_id=body.image_id, video_id=body.video_id)
-    submitted = submit_and_publish(g.user_id, req)
+def submit_and_publish(user_id: str, req: SubmitRequest, answer: Answer) -> Any:
+    """Commit the job, publish it, answer: the one path of every job submission.
+
+    With an ``Idempotency-Key`` the answer is stored with the job (one
+    transaction) and replayed for the same key and body.
+    """
+    svc = services()
+    key = idempotent.request_key(user_id)
+    if key is not None and (stored := idempotency.lookup(svc.db, key)) is not None:
+        return idempotent.replay(stored)
+    try:
+        submitted = submit_job(svc.db, user_id, req, max_attempts=svc.settings.max_attempts,
+                               key=key, answer=answer)
+    except DuplicateKey:
+        return idempotent.replay_after_race(key)
+    publish_committed(submitted.job, req.metadata)
+    if submitted.answer is not None:
+        return jsonify(submitted.answer.body), submitted.answer.status
+    status, body = answer(submitted)
+    return jsonify(body), status
+
+
+def queue_job_answer(submitted: Submitted) -> tuple[int, dict[str, Any]]:
+    """CONTRACT §2's success body."""
     spec, svc = submitted.spec, services()
-    return jsonify({
+    return 200, {
         "success": True,
         "job": job_record(submitted.job, svc.url_for_asset),
         "message": f"{spec.name} job queued",
@@ -65,13 +85,22 @@ def queue_job() -> Any:
         "creditsCharged": spec.credits,
         "tokenBalance": submitted.balance,
         "debug": {
-            "userId": g.user_id,
+            "userId": submitted.job.user_id,
             "hasPrompt": True,
             "redisConfigured": bool(svc.settings.redis_url
                                     or svc.settings.broker_url.startswith("redis")),
             "timestamp": iso(dt.datetime.now(dt.timezone.utc)),
         },
-    })
+    }
+
+
+@bp.post("/queue-job")
+@user_required
+def queue_job() -> Any:
+    body = parse(QueueJobBody)
+    req = SubmitRequest(job_type=body.job_type, metadata=body.metadata or {},
+                        project_id=body.project_id, image_id=body.image_id, video_id=body.video_id)
+    return submit_and_publish(g.user_id, req, queue_job_answer)
 
 
 @bp.post("/job-callback")
@@ -99,7 +128,9 @@ def generate_admin_image() -> Any:
     job_type = ADMIN_MODES.get(mode, "sdxl_image_fast")
     metadata = {**(body.metadata or {}), "prompt": body.prompt, "num_images": 1, "admin": True,
                 "mode": mode}
-    submitted = submit_and_publish(g.user_id, SubmitRequest(job_type=job_type, metadata=metadata))
+    submitted = submit_job(svc.db, g.user_id, SubmitRequest(job_type=job_type, metadata=metadata),
+                           max_attempts=svc.settings.max_attempts)
+    publish_committed(submitted.job, metadata)
     job = _wait_for_end(submitted.job.id, svc.settings.admin_image_timeout)
     if job.status == JobStatus.COMPLETED.value:
         bucket, path = job.job_type, job.result["assets"][0]

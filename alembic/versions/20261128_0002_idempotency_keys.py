@@ -1,0 +1,45 @@
+"""idempotency keys
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-11-28
+
+Stored answers of requests sent with an Idempotency-Key, per user, kept 24 h.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy.dialects import postgresql
+
+revision: str = "0002"
+down_revision: Union[str, Sequence[str], None] = "0001"
+branch_labels: Union[str, Sequence[str], None] = None
+depends_on: Union[str, Sequence[str], None] = None
+
+JSONB = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+BIGID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+def upgrade() -> None:
+    op.create_table(
+        "idempotency_keys",
+        sa.Column("id", BIGID, autoincrement=True, nullable=False),
+        sa.Column("user_id", sa.Uuid(as_uuid=False), nullable=False),
+        sa.Column("key", sa.String(length=255), nullable=False),
+        sa.Column("request_hash", sa.String(length=64), nullable=False),
+        sa.Column("job_id", sa.Uuid(as_uuid=False), nullable=True),
+        sa.Column("status_code", sa.Integer(), nullable=False),
+        sa.Column("response", JSONB, nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("user_id", "key", name="uq_idempotency_keys_user_key"),
+    )
+    op.create_index("ix_idempotency_keys_created", "idempotency_keys", ["created_at"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_idempotency_keys_created", table_name="idempotency_keys")
+    op.drop_table("idempotency_keys")
