@@ -53,7 +53,8 @@ def _cas(session: Session, job_id: str, sources: tuple[str, ...], attempt: int |
     if attempt is not None:
         stmt = stmt.where(Job.attempts == attempt)
     stmt = stmt.values(updated_at=utcnow(), **values).returning(Job)
-    return session.execute(stmt.execution_options(synchronize_session=False)).scalar_one_or_none()
+    return session.execute(stmt.execution_options(
+        synchronize_session=False, populate_existing=True)).scalar_one_or_none()
 
 
 def _load(session: Session, job_id: str) -> Job:
@@ -140,12 +141,13 @@ def start_job(db: Database, job_id: str, *, worker: str, lease_seconds: int) -> 
     return None
 
 
-def fail_exhausted(db: Database, job: Job) -> Transition:
+def fail_exhausted(db: Database, job: Job, *, now: dt.datetime | None = None) -> Transition:
     """End a job whose every attempt was used (its workers kept dying)."""
     return finish_job(db, job.id, Outcome(
         JobStatus.FAILED, attempt=job.attempts,
         error=f"worker lost; all {job.max_attempts} attempts used"),
-        guards=(or_(Job.status == JobStatus.QUEUED.value, Job.lease_expires_at < utcnow()),))
+        guards=(or_(Job.status == JobStatus.QUEUED.value,
+                    Job.lease_expires_at < (now or utcnow())),))
 
 
 def renew_lease(db: Database, job_id: str, attempt: int, lease_seconds: int) -> bool:
@@ -155,11 +157,12 @@ def renew_lease(db: Database, job_id: str, attempt: int, lease_seconds: int) -> 
                     lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds)) is not None
 
 
-def requeue_expired(db: Database, job_id: str, attempt: int) -> bool:
+def requeue_expired(db: Database, job_id: str, attempt: int, *,
+                    now: dt.datetime | None = None) -> bool:
     """A dead worker's job, attempts left: ``processing → queued``, to be published again."""
     with db.transaction() as session:
         job = _cas(session, job_id, (JobStatus.PROCESSING.value,), attempt,
-                   Job.lease_expires_at < utcnow(), Job.attempts < Job.max_attempts,
+                   Job.lease_expires_at < (now or utcnow()), Job.attempts < Job.max_attempts,
                    status=JobStatus.QUEUED.value, lease_owner=None, lease_expires_at=None,
                    dispatched_at=None, progress=0,
                    error_message=f"worker lost during attempt {attempt}; requeued")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +67,7 @@ def find(session: Session, req: KeyedRequest) -> StoredAnswer | None:
     if row.request_hash != req.request_hash:
         raise Unprocessable("Idempotency-Key was already used with a different request",
                             details={"field": "Idempotency-Key"})
-    return StoredAnswer(row.status_code, row.response)
+    return StoredAnswer(row.status_code, json.loads(row.response))
 
 
 def lookup(db: Database, req: KeyedRequest) -> StoredAnswer | None:
@@ -82,7 +83,8 @@ def store(session: Session, req: KeyedRequest, status: int, body: dict[str, Any]
         IdempotencyKey.user_id == req.user_id, IdempotencyKey.key == req.key,
         IdempotencyKey.created_at <= utcnow() - TTL))
     session.add(IdempotencyKey(user_id=req.user_id, key=req.key, request_hash=req.request_hash,
-                               job_id=job_id, status_code=status, response=body,
+                               job_id=job_id, status_code=status,
+                               response=json.dumps(body, separators=(",", ":")),
                                created_at=utcnow()))
     session.flush()
 

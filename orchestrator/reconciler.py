@@ -70,12 +70,12 @@ def _expire_leases(db: Database, now: dt.datetime, report: ReconcileReport) -> N
         Job.status == JobStatus.PROCESSING.value, Job.lease_expires_at < now))
     for job_id, attempts, max_attempts in rows:
         if attempts < max_attempts:
-            if completion.requeue_expired(db, job_id, attempts):
+            if completion.requeue_expired(db, job_id, attempts, now=now):
                 report.requeued.append(job_id)
         else:
             with db.session() as session:
                 job = session.get(Job, job_id)
-            if job is not None and completion.fail_exhausted(db, job).changed:
+            if job is not None and completion.fail_exhausted(db, job, now=now).changed:
                 report.exhausted.append(job_id)
 
 

@@ -256,7 +256,7 @@ def retry_job(db: Database, user_id: str, job_id: str, *, max_attempts: int) -> 
                     max_attempts=Job.attempts + max_attempts, error_message=None, result=None,
                     completed_at=None, dispatched_at=None, lease_owner=None,
                     lease_expires_at=None, metadata_=meta, updated_at=utcnow())
-            .returning(Job).execution_options(synchronize_session=False)
+            .returning(Job).execution_options(synchronize_session=False, populate_existing=True)
         ).scalar_one_or_none()
         if job is None:
             raise Conflict("The job changed while it was being retried")

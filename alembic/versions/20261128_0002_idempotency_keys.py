@@ -12,14 +12,12 @@ from typing import Sequence, Union
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects import postgresql
 
 revision: str = "0002"
 down_revision: Union[str, Sequence[str], None] = "0001"
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
-JSONB = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 BIGID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
@@ -32,7 +30,7 @@ def upgrade() -> None:
         sa.Column("request_hash", sa.String(length=64), nullable=False),
         sa.Column("job_id", sa.Uuid(as_uuid=False), nullable=True),
         sa.Column("status_code", sa.Integer(), nullable=False),
-        sa.Column("response", JSONB, nullable=False),
+        sa.Column("response", sa.Text(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("user_id", "key", name="uq_idempotency_keys_user_key"),
