@@ -17,7 +17,7 @@ from orchestrator.db import Database
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.jobtypes import JOB_TYPES
 from orchestrator.models import Job
-from orchestrator.queries import is_uuid
+from orchestrator.queries import canonical_uuid
 from orchestrator.status import JobStatus
 from orchestrator.storage import LocalStorage
 
@@ -47,7 +47,7 @@ def _text(body: dict[str, Any], *names: str) -> str | None:
 
 
 def _references(body: dict[str, Any]) -> list[Any]:
-    if "assets" in body:
+    if body.get("assets") is not None:
         refs = body["assets"]
         if not isinstance(refs, list):
             raise InvalidRequest("assets must be a list", details={"field": "assets"})
@@ -85,8 +85,8 @@ def parse_callback(storage: LocalStorage, db: Database, body: dict[str, Any]) ->
         InvalidRequest: malformed body, unknown status, bad asset path.
         NotFound: no such job.
     """
-    job_id = _text(body, "job_id", "jobId")
-    if not job_id or not is_uuid(job_id):
+    job_id = canonical_uuid(_text(body, "job_id", "jobId"))
+    if job_id is None:
         raise InvalidRequest("job_id must be a job uuid", details={"field": "job_id"})
     raw_status = _text(body, "status")
     try:

@@ -21,7 +21,7 @@ from orchestrator import credits, events
 from orchestrator.db import Database
 from orchestrator.errors import Conflict, NotFound
 from orchestrator.models import Image, Job, Video, utcnow
-from orchestrator.queries import is_uuid
+from orchestrator.queries import canonical_uuid
 from orchestrator.status import ASSET_STATUS_FOR, JobStatus, sources_of
 
 TITLE_CHARS = 60
@@ -179,9 +179,10 @@ def report_processing(db: Database, job_id: str, *, worker: str, lease_seconds: 
     lease = now + dt.timedelta(seconds=lease_seconds)
     with db.transaction() as session:
         job = _cas(session, job_id, (JobStatus.QUEUED.value,), attempt,
-                   status=JobStatus.PROCESSING.value, attempts=Job.attempts + 1,
+                   Job.attempts < Job.max_attempts,
+                   status=JobStatus.PROCESSING.value, attempts=Job.attempts + 1, progress=0,
                    started_at=func.coalesce(Job.started_at, now), lease_owner=worker,
-                   lease_expires_at=lease)
+                   lease_expires_at=lease, error_message=None)
         if job is not None:
             _emit(session, job, _sync_asset(session, job))
             return Transition(job, True)
@@ -264,12 +265,24 @@ def finish_job(db: Database, job_id: str, outcome: Outcome, *, guards: tuple[Any
         return Transition(job, True)
 
 
+def fail_timed_out(db: Database, job_id: str, *, host: str) -> Transition:
+    """The worker host killed the job past its hard time limit: fail that run
+    (guarded by the lease this host holds; a run elsewhere is not touched)."""
+    return finish_job(db, job_id, Outcome(JobStatus.FAILED, error="generation timed out"),
+                      guards=(Job.status == JobStatus.PROCESSING.value,
+                              Job.lease_owner.like(f"{host}:%")))
+
+
 def requeue_for_retry(db: Database, job_id: str, attempt: int, reason: str) -> bool:
-    """A transient error: ``processing → queued`` so the retried delivery can claim it."""
+    """A transient error: ``processing → queued`` so the retried delivery can claim it.
+
+    Called by the task before it publishes the retry, so the retried message
+    can never arrive while the job still looks busy.
+    """
     with db.transaction() as session:
         job = _cas(session, job_id, (JobStatus.PROCESSING.value,), attempt,
                    status=JobStatus.QUEUED.value, lease_owner=None, lease_expires_at=None,
-                   error_message=reason[:ERROR_CHARS], progress=0)
+                   error_message=reason[:ERROR_CHARS], progress=0, dispatched_at=utcnow())
         if job is None:
             return False
         _emit(session, job, _sync_asset(session, job), "retrying")
@@ -287,7 +300,8 @@ def cancel_job(db: Database, user_id: str, job_id: str) -> Job:
         Conflict: the job already ended.
     """
     owner = None
-    if is_uuid(job_id):
+    job_id = canonical_uuid(job_id)  # type: ignore[assignment]
+    if job_id is not None:
         with db.session() as session:
             owner = session.execute(select(Job.user_id).where(Job.id == job_id)).scalar_one_or_none()
     if owner != user_id:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import re
 import uuid
 from typing import Any
 
@@ -25,17 +26,26 @@ MAX_PAGE = 100
 ADMIN = "admin"
 
 
-def is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except (ValueError, AttributeError, TypeError):
-        return False
-    return True
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def canonical_uuid(value: object) -> str | None:
+    """The id in its one stored spelling (lowercase, hyphenated), or None.
+
+    Only the hyphenated form is accepted: ``urn:uuid:…``, braces or bare hex
+    would otherwise reach SQL in spellings the database does not compare equal.
+    """
+    return value.lower() if isinstance(value, str) and _UUID.fullmatch(value) else None
+
+
+def is_uuid(value: object) -> bool:
+    return canonical_uuid(value) is not None
 
 
 def _owned(session: Session, model: Any, user_id: str, row_id: str, label: str) -> Any:
     row = None
-    if is_uuid(row_id):
+    row_id = canonical_uuid(row_id)
+    if row_id is not None:
         row = session.execute(
             select(model).where(model.id == row_id, model.user_id == user_id)
         ).scalar_one_or_none()
@@ -74,10 +84,10 @@ def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         stamp, job_id = raw.split("|", 1)
         when = dt.datetime.fromisoformat(stamp)
-        if when.tzinfo is None or not is_uuid(job_id):
+        if when.tzinfo is None or not is_uuid(job_id) or not 1970 < when.year < 9000:
             raise ValueError(raw)
-        return when, job_id
-    except (ValueError, UnicodeDecodeError) as e:
+        return when.astimezone(dt.timezone.utc), job_id.lower()
+    except (ValueError, UnicodeDecodeError, OverflowError) as e:
         raise InvalidRequest("cursor is not valid", details={"field": "cursor"}) from e
 
 

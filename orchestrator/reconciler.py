@@ -5,15 +5,17 @@ reconcile``):
 
 1. leases that expired (the worker died): back to ``queued`` while attempts
    remain, else ``failed`` with the reason;
-2. jobs past their type's deadline: ``failed``;
+2. jobs past their type's deadline (counted from when the current run was
+   queued): ``failed``;
 3. jobs committed but never published (the API died, the broker was down):
    published;
 4. queued jobs whose message may have been lost (a flushed or restarted
    broker): offered again after ``REOFFER_AFTER`` seconds.
 
 Every step is a guarded compare-and-set, so two reconcilers running at once do
-no harm; PostgreSQL rows are also taken ``FOR UPDATE SKIP LOCKED`` so the two
-split the work instead of repeating it. A job offered twice is harmless: the
+no harm. Publishing marks ``dispatched_at`` first, in a transaction that takes
+the rows ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so two reconcilers never
+publish the same job in the same pass. A job offered twice is harmless: the
 second delivery finds it not queued and does nothing.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 
 from orchestrator import completion, idempotency
 from orchestrator.config import Settings
@@ -81,8 +83,9 @@ def _expire_leases(db: Database, now: dt.datetime, report: ReconcileReport) -> N
 
 def _expire_deadlines(db: Database, settings: Settings, now: dt.datetime,
                       report: ReconcileReport) -> None:
+    since = func.coalesce(Job.queued_at, Job.created_at)
     late = or_(*(and_(Job.job_type == name,
-                      Job.created_at < now - dt.timedelta(seconds=deadline_seconds(spec, settings)))
+                      since < now - dt.timedelta(seconds=deadline_seconds(spec, settings)))
                  for name, spec in JOB_TYPES.items()))
     rows = _locked(db, select(Job.id).where(
         Job.status.in_((JobStatus.QUEUED.value, JobStatus.PROCESSING.value)), late))

@@ -35,7 +35,7 @@ JOB_COLUMNS = (
     "prompt", "negative_prompt", "enhanced_prompt", "metadata", "result", "project_id",
     "image_id", "video_id", "seed", "credits", "charges", "progress", "attempts", "max_attempts",
     "error_message", "lease_owner", "lease_expires_at", "created_at", "updated_at",
-    "dispatched_at", "started_at", "completed_at",
+    "queued_at", "dispatched_at", "started_at", "completed_at",
 )
 IMAGE_COLUMNS = (
     "id", "user_id", "project_id", "title", "prompt", "enhanced_prompt", "status", "image_url",

@@ -40,6 +40,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         task_track_started=True,
         worker_prefetch_multiplier=1,
         result_expires=24 * 3600,
+        # Job state lives in the database; Celery's results are never read.
+        task_ignore_result=True,
         worker_send_task_events=True,
         task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
@@ -58,8 +60,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     if _uses_visibility_timeout(broker):
         conf["broker_transport_options"] = {"visibility_timeout": VISIBILITY_TIMEOUT}
     if broker.startswith("redis"):
+        # A Redis that accepts connections but stops answering must not hang
+        # a web request: bounded connect and socket timeouts on the broker.
+        conf["broker_transport_options"].update(
+            socket_connect_timeout=settings.publish_timeout, socket_timeout=5,
+            retry_on_timeout=True)
         conf["redis_socket_connect_timeout"] = settings.publish_timeout
-        conf["redis_socket_timeout"] = 30
+        conf["redis_socket_timeout"] = 5
     if _uses_visibility_timeout(settings.result_backend):
         conf["result_backend_transport_options"] = {"visibility_timeout": VISIBILITY_TIMEOUT}
     if broker.startswith("sqla+sqlite"):

@@ -141,6 +141,8 @@ def run_generation(self: Task, job_id: str) -> dict[str, Any]:
             return {"job_id": job.id, "attempt": job.attempts, "aborted": True}
         except TransientGenerationError as e:
             if job.attempts < job.max_attempts:
+                # Requeue first: the retried delivery must find the job claimable.
+                completion.requeue_for_retry(rt.db, job.id, job.attempts, e.message)
                 raise self.retry(exc=e, countdown=min(2 ** job.attempts, 60))
             raise
     return {"job_id": job.id, "attempt": job.attempts, "assets": paths, "thumbnail": thumb,

@@ -7,6 +7,7 @@ changes nothing.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from typing import Any, Callable, TypeVar
 
@@ -90,8 +91,15 @@ def on_failure(sender: Any = None, task_id: str | None = None, exception: BaseEx
         return
     attempt = rt_module.CLAIMED.pop(task_id, None)
     if attempt is None:
-        # Failed before it claimed the job (e.g. the database was down): the
-        # job is still queued and the message will be offered again.
+        if isinstance(exception, TimeLimitExceeded):
+            # The pool killed a child past its hard limit; this runs in the
+            # parent. Fail the run this host holds, not a later one elsewhere.
+            _until_recorded(lambda: completion.fail_timed_out(
+                rt_module.runtime().db, task_id, host=socket.gethostname()),
+                f"timeout of job {task_id}")
+            return
+        # Failed before claiming its job (e.g. the database was down): the
+        # job is untouched; the reconciler offers it again.
         log.warning("task %s failed before claiming its job: %r", task_id, exception)
         return
     outcome = completion.Outcome(JobStatus.FAILED, attempt=attempt, error=_client_message(exception))
@@ -114,7 +122,8 @@ def on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: A
 
 @signals.task_revoked.connect
 def on_revoked(sender: Any = None, request: Any = None, terminated: bool = False, **_: Any) -> None:
-    if request is None or getattr(request, "name", None) != GENERATION_TASK:
+    """An operator revoked the task (Flower, ``celery control revoke``): cancel the job."""
+    if not _ours(sender) or request is None:
         return
     attempt = rt_module.CLAIMED.pop(request.id, None)
     completion.finish_job(rt_module.runtime().db, request.id, completion.Outcome(

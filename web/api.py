@@ -40,7 +40,7 @@ def create_job() -> Any:
 @user_required
 def list_jobs() -> Any:
     raw_limit = request.args.get("limit", "20")
-    if not raw_limit.isdigit():
+    if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 4):
         raise InvalidRequest("limit must be an integer", details={"field": "limit"})
     jobs, cursor = queries.list_jobs(
         services().db, g.user_id, status=request.args.get("status") or None,
@@ -108,10 +108,11 @@ def create_video() -> Any:
 
 def _create_asset(kind: str) -> Any:
     body = parse(AssetBody)
-    if body.project_id is not None and not queries.is_uuid(body.project_id):
+    project_id = queries.canonical_uuid(body.project_id)
+    if body.project_id is not None and project_id is None:
         raise InvalidRequest("project_id must be a uuid", details={"field": "project_id"})
     asset = queries.create_asset(services().db, g.user_id, kind, title=body.title,
-                                 prompt=body.prompt, project_id=body.project_id)
+                                 prompt=body.prompt, project_id=project_id)
     row = image_row(asset) if kind == "image" else video_row(asset)
     return jsonify(row), 201
 

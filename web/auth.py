@@ -61,8 +61,8 @@ def _authenticate_user() -> str:
         raise Unauthorized("Token has no expiry")
     if claims.get("role") != "authenticated":
         raise Unauthorized("Token is not a user token")
-    sub = claims.get("sub")
-    if not isinstance(sub, str) or not queries.is_uuid(sub):
+    sub = queries.canonical_uuid(claims.get("sub"))
+    if sub is None:
         raise Unauthorized("Token subject is not a user id")
     g.user_id = sub
     return sub

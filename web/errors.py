@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Flask, g, jsonify
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from werkzeug.exceptions import HTTPException
 
 from orchestrator.errors import OrchestratorError
@@ -46,6 +46,13 @@ def init_app(app: Flask) -> None:
     def _http(exc: HTTPException):  # type: ignore[no-untyped-def]
         code = (exc.name or "error").lower().replace(" ", "_")
         return error_response(exc.code or 500, exc.description or exc.name, code)
+
+    @app.errorhandler(DataError)
+    def _bad_data(exc: DBAPIError):  # type: ignore[no-untyped-def]
+        log.warning("database refused a value (request %s): %s", g.get("request_id"),
+                    type(exc.orig).__name__)
+        return error_response(400, "The request contains a value that cannot be stored",
+                              "invalid_request")
 
     @app.errorhandler(OperationalError)
     def _db_down(exc: DBAPIError):  # type: ignore[no-untyped-def]

@@ -57,9 +57,11 @@ def parse_object() -> dict[str, Any]:
     """The JSON body as a dict; 400 for invalid JSON or anything but an object."""
     raw = request.get_data(cache=True)
     try:
-        data = json.loads(raw or b"null")
+        data = json.loads(raw or b"null", parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
         raise InvalidRequest("Request body must be valid JSON") from e
+    if b"\\u0000" in raw.lower():
+        raise InvalidRequest("Strings must not contain NUL characters")
     if not isinstance(data, dict):
         raise InvalidRequest("Request body must be a JSON object")
     for name in ("metadata",):
@@ -67,6 +69,11 @@ def parse_object() -> dict[str, Any]:
             raise InvalidRequest(f"{name} is larger than {MAX_METADATA_BYTES} bytes",
                                  details={"field": name})
     return data
+
+
+def _reject_constant(name: str) -> None:
+    """NaN and Infinity are not JSON (Python accepts them; PostgreSQL does not)."""
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def ensure_small(limit: int) -> None:

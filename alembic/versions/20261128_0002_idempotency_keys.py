@@ -1,10 +1,11 @@
-"""idempotency keys
+"""idempotency keys, jobs.queued_at
 
 Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-28
 
-Stored answers of requests sent with an Idempotency-Key, per user, kept 24 h.
+Stored answers of requests sent with an Idempotency-Key, per user, kept 24 h;
+and when each job's current run was queued (a retried job's deadline restarts).
 """
 from __future__ import annotations
 
@@ -36,8 +37,13 @@ def upgrade() -> None:
         sa.UniqueConstraint("user_id", "key", name="uq_idempotency_keys_user_key"),
     )
     op.create_index("ix_idempotency_keys_created", "idempotency_keys", ["created_at"])
+    with op.batch_alter_table("jobs") as batch:
+        batch.add_column(sa.Column("queued_at", sa.DateTime(timezone=True), nullable=True))
+    op.execute("UPDATE jobs SET queued_at = created_at")
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("queued_at")
     op.drop_index("ix_idempotency_keys_created", table_name="idempotency_keys")
     op.drop_table("idempotency_keys")

@@ -200,7 +200,7 @@ def _run_steps(units: list[Callable[[], None]], spec: GenerationSpec,
             except GenerationError:
                 raise
             except Exception as exc:  # encoder/pixel failures fail the job cleanly
-                raise GenerationError(f"procedural generation failed: {exc}",
+                raise GenerationError(f"procedural generation failed ({type(exc).__name__})",
                                       details={"error_type": type(exc).__name__}) from exc
             done += 1
         if budget > 0:
