@@ -85,8 +85,14 @@ class ProgressReporter:
         if pct <= self.last_pct or now - self.last_write < PROGRESS_INTERVAL_S:
             return
         self.last_write, self.last_pct = now, pct
-        if not completion.record_progress(self.rt.db, self.job.id, self.job.attempts, min(pct, 99),
-                                          lease_seconds=self.keeper.lease_seconds):
+        try:
+            current = completion.record_progress(self.rt.db, self.job.id, self.job.attempts,
+                                                 min(pct, 99), lease_seconds=self.keeper.lease_seconds)
+        except DBAPIError as e:
+            # Progress is a courtesy: a database outage must not fail the job.
+            log.warning("progress of job %s not recorded (%s)", self.job.id, type(e).__name__)
+            return
+        if not current:
             raise RunAborted(self.job.id)
 
 

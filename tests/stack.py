@@ -155,6 +155,9 @@ class Stack:
                 proc.wait()
         if self.redis:
             self.redis.stop()
+        if os.environ.get("E2E_KEEP_LOGS"):
+            shutil.copytree(self.logs, ROOT / "test-artifacts" / self.logs.name, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("storage", "*.sqlite*"))
         if self.pg_name:
             with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{self.pg_name}" WITH (FORCE)')
