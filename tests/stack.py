@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -76,6 +77,54 @@ class PrivateRedis:
             self.proc.wait(timeout=10)
 
 
+class PrivatePostgres:
+    """A PostgreSQL server of our own on a free port, so a test may stop it.
+
+    The cluster lives in a folder the ``postgres`` user owns (initdb refuses
+    to run as root); trust authentication on loopback only.
+    """
+
+    def __init__(self) -> None:
+        bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        if not bins:
+            raise RuntimeError("PostgreSQL server binaries not found under /usr/lib/postgresql")
+        self.bin = bins[-1].parent
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="orch-pg-"))
+        shutil.chown(self.dir, "postgres")
+        self._as_postgres(self.bin / "initdb", "-D", str(self.dir / "data"), "-A", "trust",
+                          "-U", "postgres", "--no-sync")
+
+    def _as_postgres(self, *args: str | Path) -> None:
+        cmd = [str(a) for a in args]
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+
+    @property
+    def admin(self) -> str:
+        return f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        self._as_postgres(self.bin / "pg_ctl", "-D", self.dir / "data", "-w", "-l",
+                          self.dir / "server.log", "-o",
+                          f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off",
+                          "start")
+
+    def stop(self) -> None:
+        self._as_postgres(self.bin / "pg_ctl", "-D", self.dir / "data", "-w", "-m", "fast", "stop")
+
+    def destroy(self) -> None:
+        try:
+            self.stop()
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 @dataclass
 class Stack:
     env: dict[str, str]
@@ -84,6 +133,7 @@ class Stack:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     pg_name: str | None = None
     redis: PrivateRedis | None = None
+    postgres: PrivatePostgres | None = None
 
     @property
     def base_url(self) -> str:
@@ -158,7 +208,9 @@ class Stack:
         if os.environ.get("E2E_KEEP_LOGS"):
             shutil.copytree(self.logs, ROOT / "test-artifacts" / self.logs.name, dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("storage", "*.sqlite*"))
-        if self.pg_name:
+        if self.postgres:
+            self.postgres.destroy()
+        elif self.pg_name:
             with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{self.pg_name}" WITH (FORCE)')
 
@@ -198,7 +250,8 @@ class Stack:
 
 
 def make_stack(kind: str, var_dir: Path, processes: tuple[str, ...], *,
-               private_redis: bool = False, redis_db: int = 12, **overrides: str) -> Stack:
+               private_redis: bool = False, private_postgres: bool = False, redis_db: int = 12,
+               **overrides: str) -> Stack:
     """Environment for a stack: ``postgres-redis`` or ``embedded`` (SQLite, no servers)."""
     env = {k: v for k, v in os.environ.items()
            if k not in {"DATABASE_URL", "BROKER_URL", "RESULT_BACKEND", "REDIS_URL", "STORAGE_ROOT"}}
@@ -208,7 +261,12 @@ def make_stack(kind: str, var_dir: Path, processes: tuple[str, ...], *,
     stack = Stack(env=env, logs=var_dir, processes=processes)
     if kind == "postgres-redis":
         stack.pg_name = f"orch_e2e_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        admin, pg_url = PG_ADMIN, f"{PG_URL_BASE}/{stack.pg_name}"
+        if private_postgres:
+            stack.postgres = PrivatePostgres()
+            stack.postgres.start()
+            admin, pg_url = stack.postgres.admin, stack.postgres.url(stack.pg_name)
+        with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{stack.pg_name}"')
         if private_redis:
             stack.redis = PrivateRedis(var_dir)
@@ -219,6 +277,6 @@ def make_stack(kind: str, var_dir: Path, processes: tuple[str, ...], *,
 
             redis_url = f"{REDIS_BASE}/{redis_db}"
             redis_lib.Redis.from_url(redis_url).flushdb()
-        env.update(DATABASE_URL=f"{PG_URL_BASE}/{stack.pg_name}", BROKER_URL=redis_url,
+        env.update(DATABASE_URL=pg_url, BROKER_URL=redis_url,
                    REDIS_URL=redis_url)
     return stack

@@ -1,6 +1,6 @@
-"""Delivery guarantees under injected faults, with real processes: PostgreSQL,
-a private Redis (AOF on) the tests may stop and flush, and the Procfile's
-web, workers, maintenance worker and beat.
+"""Delivery guarantees under injected faults, with real processes: a private
+PostgreSQL server and a private Redis (AOF on) that the tests stop, restart
+and flush, and the Procfile's web, workers, maintenance worker and beat.
 
 Every job the API accepted must end in a terminal state exactly once, with
 one set of files and a consistent asset row.
@@ -13,13 +13,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import psycopg
 import pytest
 import requests
 from celery import Celery
 
 from orchestrator.config import DEV_WORKER_TOKEN
-from tests.conftest import PG_ADMIN
 from tests.stack import Stack, make_stack
 
 pytestmark = pytest.mark.e2e
@@ -32,7 +30,7 @@ FAST = dict(LEASE_SECONDS="3", RECONCILE_INTERVAL="1", PUBLISH_GRACE="1", REOFFE
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     st = make_stack("postgres-redis", tmp_path_factory.mktemp("faults"), PROCESSES,
-                    private_redis=True, **FAST)
+                    private_redis=True, private_postgres=True, **FAST)
     try:
         st.cli("db", "upgrade")
         st.start()
@@ -179,21 +177,12 @@ def test_redis_emptied_jobs_are_offered_again(stack: Stack) -> None:
         assert job["attempts"] == 1
 
 
-def _database_available(stack: Stack, available: bool) -> None:
-    """Make the stack's database refuse (or accept) connections: PostgreSQL
-    'down' for this service only, without stopping the shared server."""
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'ALTER DATABASE "{stack.pg_name}" ALLOW_CONNECTIONS {str(available).lower()}')
-        if not available:
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                         "WHERE datname = %s AND pid <> pg_backend_pid()", (stack.pg_name,))
-
-
-def test_postgres_down_while_a_job_finishes(stack: Stack) -> None:
+def test_postgres_stopped_while_a_job_finishes(stack: Stack) -> None:
+    assert stack.postgres is not None
     _, headers = stack.user()
     job_id = stack.submit(headers, "video_fast").json()["job"]["id"]
     stack.wait_for(headers, [job_id], timeout=30, until=lambda j: j["status"] == "processing")
-    _database_available(stack, False)
+    stack.postgres.stop()
     try:
         started = time.monotonic()
         r = stack.submit(headers, "image_fast")
@@ -206,6 +195,6 @@ def test_postgres_down_while_a_job_finishes(stack: Stack) -> None:
         assert ready.status_code == 503 and ready.json()["checks"]["database"] != "ok"
         time.sleep(6)  # the generation ends while the database is away
     finally:
-        _database_available(stack, True)
+        stack.postgres.start()
     job = stack.wait_for(headers, [job_id], timeout=60)[job_id]
     _assert_completed_once(stack, job)
