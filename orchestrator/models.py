@@ -89,49 +89,41 @@ class Project(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
-class Image(Base):
+class _Asset:
+    """Columns an image row and a video row share (the legacy tables' common part)."""
+
+    id: Mapped[str] = mapped_column(IdType, primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(IdType, ForeignKey("profiles.id", ondelete="CASCADE"))
+    project_id: Mapped[str | None] = mapped_column(IdType, ForeignKey("projects.id", ondelete="SET NULL"))
+    title: Mapped[str | None] = mapped_column(String(200))
+    prompt: Mapped[str | None] = mapped_column(Text)
+    enhanced_prompt: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default=AssetStatus.QUEUED.value)
+    thumbnail_url: Mapped[str | None] = mapped_column(Text)
+    quality: Mapped[str | None] = mapped_column(String(16))
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class Image(_Asset, Base):
     __tablename__ = "images"
     __table_args__ = (Index("ix_images_user_created", "user_id", "created_at"),)
 
-    id: Mapped[str] = mapped_column(IdType, primary_key=True, default=new_id)
-    user_id: Mapped[str] = mapped_column(IdType, ForeignKey("profiles.id", ondelete="CASCADE"))
-    project_id: Mapped[str | None] = mapped_column(IdType, ForeignKey("projects.id", ondelete="SET NULL"))
-    title: Mapped[str | None] = mapped_column(String(200))
-    prompt: Mapped[str | None] = mapped_column(Text)
-    enhanced_prompt: Mapped[str | None] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), default=AssetStatus.QUEUED.value)
     image_url: Mapped[str | None] = mapped_column(Text)
     image_urls: Mapped[list[str] | None] = mapped_column(JSONType)
-    thumbnail_url: Mapped[str | None] = mapped_column(Text)
-    quality: Mapped[str | None] = mapped_column(String(16))
     generation_mode: Mapped[str | None] = mapped_column(String(48))
-    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
-    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
-    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
-    completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
 
-class Video(Base):
+class Video(_Asset, Base):
     __tablename__ = "videos"
     __table_args__ = (Index("ix_videos_user_created", "user_id", "created_at"),)
 
-    id: Mapped[str] = mapped_column(IdType, primary_key=True, default=new_id)
-    user_id: Mapped[str] = mapped_column(IdType, ForeignKey("profiles.id", ondelete="CASCADE"))
-    project_id: Mapped[str | None] = mapped_column(IdType, ForeignKey("projects.id", ondelete="SET NULL"))
-    title: Mapped[str | None] = mapped_column(String(200))
-    prompt: Mapped[str | None] = mapped_column(Text)
-    enhanced_prompt: Mapped[str | None] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), default=AssetStatus.QUEUED.value)
     video_url: Mapped[str | None] = mapped_column(Text)
-    thumbnail_url: Mapped[str | None] = mapped_column(Text)
     duration: Mapped[float | None] = mapped_column(Float)
     resolution: Mapped[str | None] = mapped_column(String(16))
     format: Mapped[str | None] = mapped_column(String(16))
-    quality: Mapped[str | None] = mapped_column(String(16))
-    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
-    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
-    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
-    completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
 
 class Job(Base):

@@ -31,8 +31,10 @@ def _until_recorded(action: Callable[[], T], what: str) -> T | None:
     """Run a completion write, retrying while the database is down.
 
     The files are already stored; losing the write would leave the job to the
-    reconciler (a second, needless run). Gives up after ``DB_RETRY_LIMIT_S``;
-    by then the lease has expired and the reconciler owns the job anyway.
+    reconciler (a second, needless run). The handlers run inside the task's
+    hard time limit, so an outage longer than what is left of it ends the
+    process first; either way (or after ``DB_RETRY_LIMIT_S``) the lease
+    expires and the reconciler runs the job again.
     """
     deadline = time.monotonic() + DB_RETRY_LIMIT_S
     delay = 0.5
