@@ -31,6 +31,7 @@ class CallbackReport:
     status: JobStatus
     outcome: Outcome
     lease_seconds: int
+    family: str
 
 
 def _text(body: dict[str, Any], *names: str) -> str | None:
@@ -121,4 +122,5 @@ def parse_callback(storage: LocalStorage, db: Database, body: dict[str, Any]) ->
         error=_text(body, "error_message", "errorMessage", "error"),
         enhanced_prompt=_text(body, "enhanced_prompt", "enhancedPrompt"),
         metadata={"callback": metadata} if metadata else {})
-    return CallbackReport(job_id, status, outcome, JOB_TYPES[job.job_type].hard_time_limit + 60)
+    return CallbackReport(job_id, status, outcome, JOB_TYPES[job.job_type].hard_time_limit,
+                          job.family)

@@ -150,11 +150,17 @@ def fail_exhausted(db: Database, job: Job, *, now: dt.datetime | None = None) ->
                     Job.lease_expires_at < (now or utcnow())),))
 
 
+def renew(db: Database, job_id: str, attempt: int | None, lease_seconds: int, *,
+          guards: tuple[Any, ...] = ()) -> Job | None:
+    """Extend a running job's lease; the job, or None when the run is not current."""
+    with db.transaction() as session:
+        return _cas(session, job_id, (JobStatus.PROCESSING.value,), attempt, *guards,
+                    lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds))
+
+
 def renew_lease(db: Database, job_id: str, attempt: int, lease_seconds: int) -> bool:
     """Extend a running job's lease. False: the run is no longer current (stop)."""
-    with db.transaction() as session:
-        return _cas(session, job_id, (JobStatus.PROCESSING.value,), attempt,
-                    lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds)) is not None
+    return renew(db, job_id, attempt, lease_seconds) is not None
 
 
 def requeue_expired(db: Database, job_id: str, attempt: int, *,

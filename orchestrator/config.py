@@ -90,6 +90,9 @@ class Settings:
     reoffer_after: float = 900.0
     max_queue_wait: float = 6 * 3600.0
     faults: bool = False
+    external_families: frozenset[str] = frozenset()
+    external_lease_seconds: int | None = None
+    queue_base_path: str = ""
     dev_secrets: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
@@ -141,10 +144,17 @@ class Settings:
             reoffer_after=_float(env, "REOFFER_AFTER", 900.0),
             max_queue_wait=_float(env, "MAX_QUEUE_WAIT", 6 * 3600.0),
             faults=env.get("ORCHESTRATOR_FAULTS", "") == "1",
+            external_families=frozenset(_list(env, "EXTERNAL_FAMILIES")),
+            external_lease_seconds=_int(env, "EXTERNAL_LEASE_SECONDS", 0) or None,
+            queue_base_path=_base_path(env.get("QUEUE_BASE_PATH", "")),
             dev_secrets=dev,
         )
         if settings.faults and mode == "production":
             raise ConfigurationError("ORCHESTRATOR_FAULTS (fault injection) is refused in production")
+        unknown = settings.external_families - {"sdxl", "wan"}
+        if unknown:
+            raise ConfigurationError(f"EXTERNAL_FAMILIES: unknown families {sorted(unknown)}; "
+                                     "use sdxl and/or wan")
         if settings.lease_seconds < 2:
             raise ConfigurationError("LEASE_SECONDS must be >= 2")
         if settings.generation_time_scale < 0:
@@ -168,6 +178,14 @@ class Settings:
             "!! Set them (and ORCHESTRATOR_ENV=production) before exposing it.\n" + "!" * 72
         )
         print(banner, file=sys.stderr, flush=True)
+
+
+def _base_path(raw: str) -> str:
+    """``QUEUE_BASE_PATH`` as ``/a/b`` (or empty for the service root)."""
+    parts = [p for p in raw.strip().split("/") if p]
+    if any(not p.replace("-", "").replace("_", "").isalnum() for p in parts):
+        raise ConfigurationError(f"QUEUE_BASE_PATH must be a plain path, got {raw!r}")
+    return "/" + "/".join(parts) if parts else ""
 
 
 def _default_result_backend(broker_url: str, var_dir: Path) -> str:

@@ -136,13 +136,16 @@ def reconcile(db: Database, settings: Settings, publish: Publisher, *,
     report = ReconcileReport()
     _expire_leases(db, now, report)
     _expire_deadlines(db, settings, now, report)
+    # Jobs of external families wait in the database for rpop; never publish them.
+    celery = Job.family.notin_(sorted(settings.external_families)) if settings.external_families \
+        else Job.family.isnot(None)
     unpublished = _take_for_publish(
-        db, and_(Job.dispatched_at.is_(None),
+        db, and_(celery, Job.dispatched_at.is_(None),
                  or_(Job.created_at < now - dt.timedelta(seconds=settings.publish_grace),
                      Job.attempts > 0)), now)
     _publish(db, publish, unpublished, report.published, report.publish_failed)
     stale = _take_for_publish(
-        db, Job.dispatched_at < now - dt.timedelta(seconds=settings.reoffer_after), now)
+        db, and_(celery, Job.dispatched_at < now - dt.timedelta(seconds=settings.reoffer_after)), now)
     _publish(db, publish, stale, report.reoffered, report.publish_failed)
     idempotency.purge(db)
     if any(report.as_dict().values()):

@@ -42,12 +42,13 @@ def create_app(settings: Settings | None = None, *, publisher: Publisher | None 
         publish=publisher,
     )
 
-    from web import api, auth, errors, files, functions, health
+    from web import api, auth, errors, files, functions, health, workers
 
     errors.init_app(app)
     auth.init_app(app)
     for module in (functions, api, files, health):
         app.register_blueprint(module.bp)
+    workers.init_app(app)
 
     @app.before_request
     def _request_id() -> None:

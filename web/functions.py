@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, g, jsonify
 from sqlalchemy.exc import DBAPIError
 
-from orchestrator import completion, faults, idempotency, queries
+from orchestrator import completion, external, faults, idempotency, queries
 from orchestrator.callbacks import parse_callback
 from orchestrator.records import iso, job_record
 from orchestrator.status import JobStatus
@@ -32,6 +32,8 @@ def publish_committed(job: Any, metadata: dict[str, Any] | None = None) -> None:
     broker refuses the message, the job stays queued without ``dispatched_at``
     and the reconciler publishes it when the broker is back."""
     svc = services()
+    if job.family in svc.settings.external_families:
+        return  # external workers take it from the database (rpop)
     faults.before_publish(svc.settings, metadata)
     try:
         svc.publish(job.id, job.job_type)
@@ -108,7 +110,9 @@ def queue_job() -> Any:
 def job_callback() -> Any:
     svc = services()
     report = parse_callback(svc.storage, svc.db, parse_object())
-    if report.status is JobStatus.PROCESSING:
+    if report.family in svc.settings.external_families:
+        result = external.apply_callback(svc.db, svc.settings, report)
+    elif report.status is JobStatus.PROCESSING:
         result = completion.report_processing(svc.db, report.job_id, worker=f"callback:{g.worker_auth}",
                                               lease_seconds=report.lease_seconds)
     else:
