@@ -232,6 +232,12 @@ def test_uploads_are_confined_to_a_leased_job(stack: Stack) -> None:
     assert sorted(str(p) for p in storage.rglob("*")) == before
     ok = _upload(stack, "image_fast", f"{user_id}/ok.png", None, files={"file": ("ok.png", png)})
     assert ok.status_code == 200
+    # Files larger than the API's 1 MB JSON cap are fine up to the bucket's cap.
+    large = b"\x89PNG" + b"\1" * (3 * 1024 * 1024)
+    assert _upload(stack, "image_fast", f"{user_id}/large.png", large).status_code == 200
+    assert _upload(stack, "image_fast", f"{user_id}/large2.png", None,
+                   files={"file": ("large2.png", large)}).status_code == 200
+    assert (storage / "image_fast" / user_id / "large2.png").stat().st_size == len(large)
     assert _upload(stack, "image_fast", f"{user_id}/ok.png", png).status_code == 409
     assert _upload(stack, "image_fast", f"{user_id}/ok.png", png,
                    headers={"x-upsert": "true"}).status_code == 200
