@@ -271,6 +271,18 @@ def finish_job(db: Database, job_id: str, outcome: Outcome, *, guards: tuple[Any
         return Transition(job, True)
 
 
+def release(db: Database, job_id: str) -> bool:
+    """A worker gives a leased job back (``lpush``): ``processing → queued``."""
+    with db.transaction() as session:
+        job = _cas(session, job_id, (JobStatus.PROCESSING.value,), None,
+                   status=JobStatus.QUEUED.value, lease_owner=None, lease_expires_at=None,
+                   progress=0)
+        if job is None:
+            return False
+        _emit(session, job, _sync_asset(session, job), "released")
+        return True
+
+
 def fail_timed_out(db: Database, job_id: str, *, host: str) -> Transition:
     """The worker host killed the job past its hard time limit: fail that run
     (guarded by the lease this host holds; a run elsewhere is not touched)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from orchestrator import completion
 from orchestrator.callbacks import CallbackReport
@@ -105,16 +105,6 @@ def claim_next(db: Database, settings: Settings, family: Family, *, worker: str)
         if job is not None:
             return job
     return None
-
-
-def release(db: Database, job_id: str) -> bool:
-    """A worker gives a leased job back (``lpush``): it is queued again."""
-    with db.transaction() as session:
-        return session.execute(
-            update(Job).where(Job.id == job_id, Job.status == JobStatus.PROCESSING.value)
-            .values(status=JobStatus.QUEUED.value, lease_owner=None, lease_expires_at=None,
-                    progress=0, updated_at=utcnow())
-            .execution_options(synchronize_session=False)).rowcount > 0
 
 
 def apply_callback(db: Database, settings: Settings, report: CallbackReport) -> completion.Transition:

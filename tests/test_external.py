@@ -278,3 +278,25 @@ def test_reference_worker_completes_jobs(stack: Stack) -> None:
     video = jobs[ids[1]]
     assert video["enhanced_prompt"] and video["thumbnail"] is not None
     assert mp4_info(requests.get(video["assets"][0]["url"], timeout=10).content)["frames"] == 83
+
+
+def test_lpush_gives_a_leased_job_back(stack: Stack) -> None:
+    _, headers = stack.user()
+    job_id = stack.submit(headers, "image_high").json()["job"]["id"]
+    job = _pop(stack, "wan_queue")
+    assert job is not None and job["id"] == job_id
+    image = f"{stack.base_url}/v1/images/{job['image_id']}"
+    assert requests.get(image, headers=headers, timeout=10).json()["status"] == "generating"
+    back = requests.post(f"{stack.base_url}{BASE}/lpush/wan_queue", headers=WORKER,
+                         data=json.dumps(job), timeout=10)
+    assert back.status_code == 200 and back.json() == {"result": 1}
+    assert stack.job(headers, job_id)["status"] == "queued"
+    assert requests.get(image, headers=headers, timeout=10).json()["status"] == "queued"
+    again = requests.post(f"{stack.base_url}{BASE}/lpush/wan_queue", headers=WORKER,
+                          data=job_id, timeout=10)
+    assert again.status_code == 409
+    junk = requests.post(f"{stack.base_url}{BASE}/lpush/wan_queue", headers=WORKER,
+                         data='{"type": "image_fast", "prompt": "free job"}', timeout=10)
+    assert junk.status_code == 400
+    assert _pop(stack, "wan_queue")["attempt"] == 2
+    _callback(stack, {"job_id": job_id, "status": "failed", "error_message": "done"})

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 from flask import request
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.errors import InvalidRequest, PayloadTooLarge
+from orchestrator.errors import InvalidRequest
 
 MAX_METADATA_BYTES = 16 * 1024
 
@@ -74,9 +74,3 @@ def parse_object() -> dict[str, Any]:
 def _reject_constant(name: str) -> None:
     """NaN and Infinity are not JSON (Python accepts them; PostgreSQL does not)."""
     raise ValueError(f"{name} is not valid JSON")
-
-
-def ensure_small(limit: int) -> None:
-    length = request.content_length
-    if length is not None and length > limit:
-        raise PayloadTooLarge(f"Request body is larger than {limit} bytes")

@@ -13,7 +13,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, g, jsonify, request
 
-from orchestrator import external, queries
+from orchestrator import completion, external, queries
 from orchestrator.errors import Conflict, Forbidden, InvalidRequest, NotFound, PayloadTooLarge
 from orchestrator.jobtypes import JOB_TYPES, Family
 from web.auth import worker_required
@@ -83,7 +83,7 @@ def lpush(name: str, value: str | None = None) -> Any:
     if job_id is None:
         raise InvalidRequest("lpush takes a job this service leased (its JSON or id); "
                              "submit new jobs with queue-job")
-    if not external.release(services().db, job_id):
+    if not completion.release(services().db, job_id):
         raise Conflict("That job is not leased; nothing was pushed")
     return jsonify({"result": external.waiting(services().db, family)})
 
