@@ -1,0 +1,51 @@
+"""The round-trip budget of the hot path: how many SQL statements one
+queue-job request sends. Raising a budget must be a deliberate change."""
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+
+# Round trips per request for a returning user (profile exists), statements
+# plus COMMITs: debit (UPDATE … RETURNING), INSERT image, INSERT job, INSERT
+# ledger, INSERT events (one statement on PostgreSQL, one per row on
+# SQLite), SELECT queue length, COMMIT;
+# after publishing: UPDATE dispatched_at, COMMIT. SQLite also sends its
+# explicit BEGIN IMMEDIATE / BEGIN DEFERRED as statements.
+QUEUE_JOB_BUDGET = {"postgresql": 9, "sqlite": 12}
+
+
+def _count(app: Any) -> tuple[list[str], Any]:
+    engine = app.extensions["orchestrator"].db.engine
+    seen: list[str] = []
+
+    def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement.split(None, 1)[0].upper())
+
+    def on_commit(conn: Any) -> None:
+        seen.append("COMMIT")
+
+    event.listen(engine, "before_cursor_execute", on_execute)
+    event.listen(engine, "commit", on_commit)
+
+    def stop() -> None:
+        event.remove(engine, "before_cursor_execute", on_execute)
+        event.remove(engine, "commit", on_commit)
+
+    return seen, stop
+
+
+def test_queue_job_statement_budget(app: Any, client: Any, make_user: Any) -> None:
+    _, headers = make_user()
+    body = {"jobType": "image_fast", "metadata": {"prompt": "a lighthouse"}}
+    assert client.post("/functions/v1/queue-job", headers=headers, json=body).status_code == 200
+    seen, stop = _count(app)
+    try:
+        assert client.post("/functions/v1/queue-job", headers=headers, json=body).status_code == 200
+    finally:
+        stop()
+    statements = [s for s in seen if s not in ("PRAGMA",)]
+    dialect = app.extensions["orchestrator"].db.dialect
+    assert len(statements) <= QUEUE_JOB_BUDGET[dialect], statements
+    assert statements.count("COMMIT") == 2  # the job's transaction, then the dispatch mark
+    assert "SELECT" in statements and statements.count("SELECT") == 1, statements
