@@ -3,6 +3,7 @@ subprocesses, a private Redis server when a test must stop or flush it, and a
 fresh PostgreSQL database per stack."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import psycopg
 import redis as redis_lib
@@ -140,6 +141,16 @@ class Stack:
         return f"http://127.0.0.1:{self.env['PORT']}"
 
     # --- processes -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def running(self) -> Iterator["Stack"]:
+        """Migrate, start every process, and stop everything (servers too) at the end."""
+        try:
+            self.cli("db", "upgrade")
+            self.start()
+            yield self
+        finally:
+            self.stop()
+
     def cli(self, *args: str) -> str:
         out = subprocess.run([str(BIN / "orchestrator"), *args], env=self.env, cwd=ROOT,
                              capture_output=True, text=True, timeout=60)

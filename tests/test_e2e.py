@@ -22,12 +22,8 @@ PROCESSES = ("web", "worker_sdxl", "worker_wan")
 @pytest.fixture(scope="module", params=["postgres-redis", "embedded"])
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     st = make_stack(request.param, tmp_path_factory.mktemp(f"e2e-{request.param}"), PROCESSES)
-    try:
-        st.cli("db", "upgrade")
-        st.start()
+    with st.running():
         yield st
-    finally:
-        st.stop()
 
 
 def _wait_terminal(stack: Stack, headers: dict[str, str], job_ids: list[str]) -> dict:

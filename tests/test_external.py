@@ -38,12 +38,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                     ("web", "worker_maintenance", "beat"), redis_db=13,
                     EXTERNAL_FAMILIES="sdxl,wan", EXTERNAL_LEASE_SECONDS=str(LEASE),
                     QUEUE_BASE_PATH=BASE, RECONCILE_INTERVAL="1")
-    try:
-        st.cli("db", "upgrade")
-        st.start()
+    with st.running():
         yield st
-    finally:
-        st.stop()
 
 
 def _pop(stack: Stack, queue: str) -> dict[str, Any] | None:

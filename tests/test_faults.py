@@ -31,12 +31,8 @@ FAST = dict(LEASE_SECONDS="3", RECONCILE_INTERVAL="1", PUBLISH_GRACE="1", REOFFE
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     st = make_stack("postgres-redis", tmp_path_factory.mktemp("faults"), PROCESSES,
                     private_redis=True, private_postgres=True, **FAST)
-    try:
-        st.cli("db", "upgrade")
-        st.start()
+    with st.running():
         yield st
-    finally:
-        st.stop()
 
 
 def _events(stack: Stack, job_id: str) -> list[str]:
