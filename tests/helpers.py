@@ -31,3 +31,21 @@ def mp4_info(data: bytes) -> dict[str, Any]:
         frames = sum(1 for _ in container.decode(stream))
         return {"codec": stream.codec_context.name, "width": stream.width, "height": stream.height,
                 "frames": frames, "fps": float(stream.average_rate)}
+
+
+def balance(client: Any, headers: dict[str, str]) -> int:
+    """The user's token balance, through the API."""
+    resp = client.get("/v1/me", headers=headers)
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    return resp.get_json()["token_balance"]
+
+
+def assert_json_error(resp: Any, status: int) -> dict[str, Any]:
+    """A JSON error body of the service's shape, with no trace in it."""
+    assert resp.status_code == status, (resp.status_code, resp.get_data(as_text=True))
+    assert resp.is_json, resp.get_data(as_text=True)
+    body = resp.get_json()
+    assert body["success"] is False
+    assert isinstance(body["error"], str) and body["error"]
+    assert "Traceback" not in resp.get_data(as_text=True)
+    return body

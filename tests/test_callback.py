@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from orchestrator.models import CreditEntry, Image, Job, Video
 from orchestrator.webhooks import sign
+from tests.helpers import assert_json_error, balance
 
 CALLBACK = "/functions/v1/job-callback"
 LONG_PROMPT = ("A very detailed portrait of an old sailor with a white beard, standing on a "
@@ -50,10 +51,6 @@ def load_video(db: Any, video_id: str) -> Video:
         return s.get(Video, video_id)
 
 
-def balance(client: Any, headers: dict[str, str]) -> int:
-    resp = client.get("/v1/me", headers=headers)
-    assert resp.status_code == 200
-    return resp.get_json()["token_balance"]
 
 
 def refunds(db: Any, job_id: str) -> list[CreditEntry]:
@@ -75,14 +72,6 @@ def snapshot(db: Any, job_id: str) -> tuple[Any, ...]:
                 asset.title, asset.metadata_, asset.updated_at, tuple(ledger))
 
 
-def assert_json_error(resp: Any, status: int) -> dict[str, Any]:
-    assert resp.status_code == status, (resp.status_code, resp.get_data(as_text=True))
-    assert resp.is_json, resp.get_data(as_text=True)
-    body = resp.get_json()
-    assert body["success"] is False
-    assert isinstance(body["error"], str) and body["error"]
-    assert "Traceback" not in resp.get_data(as_text=True)
-    return body
 
 
 def signed_headers(secret: str, body: bytes, *, ts: int | None = None,

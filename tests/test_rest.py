@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from orchestrator.models import CreditEntry, Image, Job, Profile, Project, Video
+from tests.helpers import assert_json_error, balance
 
 QUEUE = "/functions/v1/queue-job"
 
@@ -44,20 +45,8 @@ def queued_job(client: Any, headers: dict[str, str], job_type: str = "sdxl_image
     return resp.get_json()["job"]
 
 
-def balance(client: Any, headers: dict[str, str]) -> int:
-    resp = client.get("/v1/me", headers=headers)
-    assert resp.status_code == 200, resp.get_data(as_text=True)
-    return resp.get_json()["token_balance"]
 
 
-def assert_json_error(resp: Any, status: int) -> dict[str, Any]:
-    assert resp.status_code == status, (resp.status_code, resp.get_data(as_text=True))
-    assert resp.is_json, resp.get_data(as_text=True)
-    body = resp.get_json()
-    assert body["success"] is False
-    assert isinstance(body["error"], str) and body["error"]
-    assert "Traceback" not in resp.get_data(as_text=True)
-    return body
 
 
 def count(db: Any, model: Any, user_id: str) -> int:
