@@ -128,13 +128,26 @@ def is_admin(db: Database, user_id: str) -> bool:
         return ADMIN in roles_of(session, user_id)
 
 
+def _summary(session: Session, user_id: str) -> dict[str, Any] | None:
+    balance = session.execute(
+        select(Profile.token_balance).where(Profile.id == user_id)).scalar_one_or_none()
+    if balance is None:
+        return None
+    return {"user_id": user_id, "token_balance": balance, "roles": roles_of(session, user_id)}
+
+
 def me(db: Database, user_id: str) -> dict[str, Any]:
-    """The caller's balance and roles (a first visit creates the profile)."""
+    """The caller's balance and roles. A plain read for a known user; only a
+    first visit opens a write transaction (to create the profile)."""
+    with db.session() as session:
+        found = _summary(session, user_id)
+    if found is not None:
+        return found
     with db.transaction() as session:
         credits.ensure_profile(session, user_id)
-        balance = session.execute(
-            select(Profile.token_balance).where(Profile.id == user_id)).scalar_one()
-        return {"user_id": user_id, "token_balance": balance, "roles": roles_of(session, user_id)}
+        created = _summary(session, user_id)
+    assert created is not None
+    return created
 
 
 def grant_role(db: Database, user_id: str, role: str = ADMIN) -> bool:
