@@ -24,13 +24,9 @@ storage_bp = Blueprint("worker_storage", __name__, url_prefix="/storage/v1/objec
 
 
 def init_app(app: Flask) -> None:
-    base = services_of(app).settings.queue_base_path
+    base = app.extensions["orchestrator"].settings.queue_base_path
     app.register_blueprint(queue_bp, url_prefix=base or None)
     app.register_blueprint(storage_bp)
-
-
-def services_of(app: Flask) -> Any:
-    return app.extensions["orchestrator"]
 
 
 def _family(name: str) -> Family:
