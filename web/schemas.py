@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from orchestrator.errors import InvalidRequest
 
 MAX_METADATA_BYTES = 16 * 1024
+#: Deepest nesting of arrays/objects a request body may have (the body itself is depth 1).
+MAX_JSON_DEPTH = 32
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -64,11 +66,26 @@ def parse_object() -> dict[str, Any]:
         raise InvalidRequest("Strings must not contain NUL characters")
     if not isinstance(data, dict):
         raise InvalidRequest("Request body must be a JSON object")
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise InvalidRequest(f"Request body is nested deeper than {MAX_JSON_DEPTH} levels")
     for name in ("metadata",):
         if name in data and len(json.dumps(data[name])) > MAX_METADATA_BYTES:
             raise InvalidRequest(f"{name} is larger than {MAX_METADATA_BYTES} bytes",
                                  details={"field": name})
     return data
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, level)
+            if level <= MAX_JSON_DEPTH:
+                stack.extend((child, level + 1) for child in
+                             (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def _reject_constant(name: str) -> None:
