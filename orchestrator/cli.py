@@ -5,6 +5,7 @@
     orchestrator grant-admin UUID      the only way to make an admin
     orchestrator revoke-admin UUID
     orchestrator grant-credits UUID N
+    orchestrator revoke --session ID | --user UUID   refuse tokens from now on
     orchestrator jobs list|show        inspect jobs and their event log
     orchestrator config                effective settings, secrets masked
     orchestrator reconcile             one reconciler pass (from the tasks package)
@@ -19,7 +20,7 @@ from typing import Any
 import click
 from sqlalchemy import select
 
-from orchestrator import credits, events, migrations, queries
+from orchestrator import credits, events, migrations, queries, revocation
 from orchestrator.config import ConfigurationError, Settings, get_settings
 from orchestrator.db import Database
 from orchestrator.models import Job
@@ -101,6 +102,25 @@ def grant_credits(user_id: str, amount: int) -> None:
     click.echo(f"{user_id} balance {balance}")
 
 
+@main.command()
+@click.option("--session", "session_id", default=None,
+              help="a token's session_id (or jti): refuse every token of that session")
+@click.option("--user", "user_id", default=None, callback=_uuid,
+              help="a user's uuid: refuse every token issued to them until now")
+@click.option("--reason", default=None, help="kept with the revocation (max 200 chars)")
+def revoke(session_id: str | None, user_id: str | None, reason: str | None) -> None:
+    """Revoke a login session or all of a user's current tokens (persisted)."""
+    if (session_id is None) == (user_id is None):
+        raise click.UsageError("give exactly one of --session or --user")
+    if session_id is not None and not 1 <= len(session_id.strip()) <= 255:
+        raise click.BadParameter("session id must be 1 to 255 characters", param_hint="--session")
+    kind, subject = ((revocation.SESSION, session_id.strip()) if session_id is not None
+                     else (revocation.USER, user_id))
+    at = revocation.revoke(_db(), kind, subject, (reason or "")[:200] or None)
+    click.echo(f"revoked {kind} {subject} at {at.isoformat()}; web processes refuse it within "
+               f"{_settings().revocation_refresh_seconds:g} s")
+
+
 @main.group()
 def jobs() -> None:
     """Inspect jobs."""
@@ -148,6 +168,7 @@ def show_config() -> None:
         if name in masked:
             value = "(development default)" if masked[name] in s.dev_secrets else "(set)"
         click.echo(f"{name} = {value}")
+
 
 def _plugin_commands() -> None:
     """Commands other packages add (``tasks`` adds ``reconcile``), by entry point."""

@@ -93,6 +93,15 @@ class Settings:
     external_families: frozenset[str] = frozenset()
     external_lease_seconds: int | None = None
     queue_base_path: str = ""
+    #: A JSON Web Key Set (inline JSON or a file path) of public keys for
+    #: asymmetric user tokens (ES256/RS256/EdDSA, chosen by ``kid``), beside HS256.
+    jwt_jwks: str | None = None
+    #: Seconds a web process trusts its copy of the revocation list.
+    revocation_refresh_seconds: float = 2.0
+    #: flask-limiter rate limit per user on job submission ("" disables).
+    submit_rate_limit: str = "30/minute;5/second"
+    #: Most queued+processing jobs one user may have (0: no cap).
+    max_active_jobs: int = 20
     dev_secrets: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
@@ -147,6 +156,10 @@ class Settings:
             external_families=frozenset(_list(env, "EXTERNAL_FAMILIES")),
             external_lease_seconds=_int(env, "EXTERNAL_LEASE_SECONDS", 0) or None,
             queue_base_path=_base_path(env.get("QUEUE_BASE_PATH", "")),
+            jwt_jwks=env.get("JWT_JWKS") or None,
+            revocation_refresh_seconds=_float(env, "REVOCATION_REFRESH_SECONDS", 2.0),
+            submit_rate_limit=env.get("SUBMIT_RATE_LIMIT", "30/minute;5/second").strip(),
+            max_active_jobs=_int(env, "MAX_ACTIVE_JOBS", 20),
             dev_secrets=dev,
         )
         if settings.faults and mode == "production":

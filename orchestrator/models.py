@@ -231,3 +231,22 @@ class IdempotencyKey(Base):
     #: The answer's JSON text, kept verbatim (JSONB would reorder its keys).
     response: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Revocation(Base):
+    """A revoked login session, or every token of a user issued before a moment.
+
+    Written only by ``orchestrator revoke``; the web processes keep a copy
+    refreshed every ``REVOCATION_REFRESH_SECONDS``.
+    """
+
+    __tablename__ = "revocations"
+    __table_args__ = (UniqueConstraint("kind", "subject", name="uq_revocations_kind_subject"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    #: ``session`` (the token's ``session_id`` or ``jti``) or ``user`` (its ``sub``).
+    kind: Mapped[str] = mapped_column(String(16))
+    subject: Mapped[str] = mapped_column(String(255))
+    #: For ``user``: tokens issued (``iat``) at or before this moment are refused.
+    revoked_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    reason: Mapped[str | None] = mapped_column(String(200))

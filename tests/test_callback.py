@@ -298,6 +298,40 @@ def test_bad_signature_refused_and_nothing_changes(client: Any, db: Any, setting
     assert before[0] == "queued"
 
 
+def test_replayed_webhook_id_answers_as_before_without_effect(client: Any, db: Any, settings: Any,
+                                                              make_user: Callable[..., Any]) -> None:
+    """A redelivery (same id and body, new timestamp and signature) replays the first
+    answer and changes nothing, even where running it again would (it would fail the
+    retried job); the same id with another body is 409, nothing changes."""
+    user_id, headers = make_user()
+    job = queue(client, headers)
+    secret = settings.worker_secrets[0]
+    failed = json.dumps({"job_id": job["id"], "status": "failed", "error_message": "gpu fell off"}).encode()
+    first = client.post(CALLBACK, data=failed, headers=signed_headers(secret, failed, msg_id="msg_1"))
+    assert first.status_code == 200, first.get_data(as_text=True)
+    assert first.get_json()["status"] == "failed"
+    retried = client.post(f"/v1/jobs/{job['id']}/retry", headers=headers)
+    assert retried.status_code == 200, retried.get_data(as_text=True)
+    before = snapshot(db, job["id"])
+    assert before[0] == "queued"
+
+    again = client.post(CALLBACK, data=failed,
+                        headers=signed_headers(secret, failed, ts=int(time.time()) - 5, msg_id="msg_1"))
+    assert again.status_code == 200
+    assert again.get_data() == first.get_data()
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert snapshot(db, job["id"]) == before
+
+    other = json.dumps({"job_id": job["id"], "status": "completed",
+                        "assets": [f"{user_id}/x.png"]}).encode()
+    refused = client.post(CALLBACK, data=other, headers=signed_headers(secret, other, msg_id="msg_1"))
+    assert assert_json_error(refused, 409)["code"] == "conflict"
+    assert snapshot(db, job["id"]) == before
+    # a new id with the same failure is a new delivery and does take effect
+    fresh = client.post(CALLBACK, data=failed, headers=signed_headers(secret, failed, msg_id="msg_2"))
+    assert fresh.status_code == 200 and fresh.get_json()["status"] == "failed"
+
+
 def test_bad_signature_not_rescued_by_valid_bearer(client: Any, db: Any, settings: Any,
                                                    worker_headers: dict[str, str],
                                                    make_user: Callable[..., Any]) -> None:

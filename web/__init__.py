@@ -11,6 +11,7 @@ from flask import Flask, g, request
 from orchestrator.config import Settings, get_settings
 from orchestrator.db import Database
 from orchestrator.jobtypes import BUCKETS
+from orchestrator.revocation import RevocationList
 from orchestrator.storage import LocalStorage, UrlSigner
 from web.services import Publisher, Services, signing_key
 
@@ -34,12 +35,14 @@ def create_app(settings: Settings | None = None, *, publisher: Publisher | None 
 
         publisher = publish_job
     settings.storage_root.mkdir(parents=True, exist_ok=True)
+    database = Database(settings.database_url)
     app.extensions["orchestrator"] = Services(
         settings=settings,
-        db=Database(settings.database_url),
+        db=database,
         storage=LocalStorage(settings.storage_root, buckets=BUCKETS),
         signer=UrlSigner(signing_key(settings), ttl_seconds=settings.url_ttl_seconds),
         publish=publisher,
+        revocations=RevocationList(database, settings.revocation_refresh_seconds),
     )
 
     from web import api, auth, errors, files, functions, health, workers

@@ -1,23 +1,31 @@
 """Authentication: user JWTs (flask-jwt-extended) and worker credentials.
 
-User tokens are Supabase-compatible HS256 JWTs: ``sub`` a user uuid, ``aud``
-and ``role`` ``authenticated``, ``exp`` required, only in the
-``Authorization`` header. Workers authenticate with the bearer worker token or
-a Standard Webhooks signature; neither kind of credential is accepted for the
-other. Every failure is a 401 JSON body.
+User tokens are Supabase-compatible JWTs: ``sub`` a user uuid, ``aud`` and
+``role`` ``authenticated``, ``exp`` required, ``nbf`` honoured, ``iss`` checked
+when ``JWT_ISSUER`` is set, only in the ``Authorization`` header. They are
+HS256 under ``JWT_SECRET``, or, when ``JWT_JWKS`` names a key set, signed by one
+of its public keys (chosen by ``kid``, each key with its own algorithm: a token
+cannot pick an algorithm its key was not made for). Revoked sessions and users
+(``orchestrator revoke``) are refused. Workers authenticate with the bearer
+worker token or a Standard Webhooks signature; neither kind of credential is
+accepted for the other. Every failure is a 401 JSON body.
 """
 from __future__ import annotations
 
 import functools
 import hmac
+import json
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from flask import Flask, g, request
 from flask_jwt_extended import JWTManager, get_jwt, verify_jwt_in_request
-from flask_jwt_extended.exceptions import JWTExtendedException
-from jwt import PyJWTError
+from flask_jwt_extended.exceptions import JWTExtendedException, NoAuthorizationError
+from jwt import ExpiredSignatureError, PyJWK, PyJWKSet, PyJWTError
+from jwt.exceptions import InvalidTokenError
 
 from orchestrator import queries, webhooks
+from orchestrator.config import ConfigurationError
 from orchestrator.errors import Forbidden, Unauthorized
 from web.errors import error_response
 from web.services import services
@@ -25,12 +33,42 @@ from web.services import services
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def load_jwks(raw: str | None) -> dict[str, PyJWK]:
+    """``JWT_JWKS`` (inline JSON or a file path) as ``kid`` → key; {} when unset.
+
+    Raises:
+        ConfigurationError: unreadable, not a key set, a key without ``kid``,
+            or a symmetric key (HS256 has its own secret, ``JWT_SECRET``).
+    """
+    if not raw:
+        return {}
+    text = raw if raw.lstrip().startswith("{") else None
+    if text is None:
+        try:
+            text = Path(raw).read_text()
+        except OSError as e:
+            raise ConfigurationError(f"JWT_JWKS: cannot read {raw!r} ({e.strerror})") from None
+    try:
+        keys = PyJWKSet.from_dict(json.loads(text)).keys
+    except (ValueError, PyJWTError) as e:
+        raise ConfigurationError(f"JWT_JWKS is not a usable JSON Web Key Set: {e}") from None
+    found: dict[str, PyJWK] = {}
+    for key in keys:
+        if not key.key_id:
+            raise ConfigurationError("JWT_JWKS: every key needs a kid")
+        if key.algorithm_name.startswith("HS"):
+            raise ConfigurationError("JWT_JWKS holds public keys only; HS256 uses JWT_SECRET")
+        found[key.key_id] = key
+    return found
+
+
 def init_app(app: Flask) -> None:
     settings = app.extensions["orchestrator"].settings
+    jwks = load_jwks(settings.jwt_jwks)
     app.config.update(
         JWT_SECRET_KEY=settings.jwt_secret,
         JWT_ALGORITHM="HS256",
-        JWT_DECODE_ALGORITHMS=["HS256"],
+        JWT_DECODE_ALGORITHMS=sorted({"HS256", *(k.algorithm_name for k in jwks.values())}),
         JWT_TOKEN_LOCATION=["headers"],
         JWT_DECODE_AUDIENCE=settings.jwt_audience,
         JWT_DECODE_ISSUER=settings.jwt_issuer,
@@ -38,6 +76,17 @@ def init_app(app: Flask) -> None:
         JWT_DECODE_LEEWAY=0,
     )
     jwt = JWTManager(app)
+
+    @jwt.decode_key_loader
+    def _key(header: dict[str, Any], _payload: dict[str, Any]) -> Any:
+        """The key for this token's header, tied to one algorithm."""
+        alg = header.get("alg")
+        if alg == "HS256":
+            return settings.jwt_secret
+        key = jwks.get(header.get("kid")) if isinstance(header.get("kid"), str) else None
+        if key is None or key.algorithm_name != alg:
+            raise InvalidTokenError("no key for this token's kid and alg")
+        return key.key
 
     def _reject(message: str) -> Any:
         return error_response(401, message, "unauthorized")
@@ -54,8 +103,12 @@ def init_app(app: Flask) -> None:
 def _authenticate_user() -> str:
     try:
         verify_jwt_in_request()
+    except NoAuthorizationError:
+        raise Unauthorized("Missing or malformed Authorization header") from None
+    except ExpiredSignatureError:
+        raise Unauthorized("Token expired") from None
     except (JWTExtendedException, PyJWTError):
-        raise  # flask-jwt-extended's loaders turn these into 401 JSON
+        raise Unauthorized("Invalid token") from None
     claims = get_jwt()
     if "exp" not in claims:
         raise Unauthorized("Token has no expiry")
@@ -64,6 +117,8 @@ def _authenticate_user() -> str:
     sub = queries.canonical_uuid(claims.get("sub"))
     if sub is None:
         raise Unauthorized("Token subject is not a user id")
+    if services().revocations.is_revoked(claims, sub):
+        raise Unauthorized("Token revoked")
     g.user_id = sub
     return sub
 

@@ -108,6 +108,10 @@ def queue_job() -> Any:
 @bp.post("/job-callback")
 @worker_required
 def job_callback() -> Any:
+    return idempotent.once_per_webhook_id(g.get("webhook_id"), _apply_callback)
+
+
+def _apply_callback() -> tuple[int, dict[str, Any]]:
     svc = services()
     report = parse_callback(svc.storage, svc.db, parse_object())
     if report.family in svc.settings.external_families:
@@ -119,8 +123,8 @@ def job_callback() -> Any:
         result = completion.finish_job(svc.db, report.job_id, report.outcome)
     job = result.job
     # No timestamps or signed URLs: an identical retry answers exactly as the first did.
-    return jsonify({"success": True, "jobId": job.id, "status": job.status,
-                    "attempts": job.attempts, "error_message": job.error_message})
+    return 200, {"success": True, "jobId": job.id, "status": job.status,
+                 "attempts": job.attempts, "error_message": job.error_message}
 
 
 @bp.post("/generate-admin-image")

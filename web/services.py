@@ -11,6 +11,7 @@ from flask import current_app, request
 
 from orchestrator.config import Settings
 from orchestrator.db import Database
+from orchestrator.revocation import RevocationList
 from orchestrator.storage import LocalStorage, UrlSigner
 
 Publisher = Callable[[str, str], None]
@@ -23,6 +24,7 @@ class Services:
     storage: LocalStorage
     signer: UrlSigner
     publish: Publisher
+    revocations: RevocationList
 
     def url_for_asset(self, bucket: str, path: str) -> str:
         """A signed, expiring download URL (works in ``<img src>``, no header needed)."""
