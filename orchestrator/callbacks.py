@@ -17,7 +17,7 @@ from orchestrator.db import Database
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.jobtypes import JOB_TYPES
 from orchestrator.models import Job
-from orchestrator.queries import canonical_uuid
+from orchestrator.queries import canonical_uuid, unstorable
 from orchestrator.status import JobStatus
 from orchestrator.storage import LocalStorage
 
@@ -43,6 +43,8 @@ def _text(body: dict[str, Any], *names: str) -> str | None:
             raise InvalidRequest(f"{name} must be a string", details={"field": name})
         if len(value) > MAX_TEXT:
             raise InvalidRequest(f"{name} is too long", details={"field": name})
+        if unstorable(value, name) is not None:
+            raise InvalidRequest(f"{name} is not valid Unicode", details={"field": name})
         return value
     return None
 
@@ -57,8 +59,14 @@ def _references(body: dict[str, Any]) -> list[Any]:
         if not isinstance(body["imageUrls"], list):
             raise InvalidRequest("imageUrls must be a list", details={"field": "imageUrls"})
         return body["imageUrls"]
-    single = body.get("filePath") or body.get("outputUrl")
-    return [single] if single else []
+    for name in ("filePath", "outputUrl"):
+        single = body.get(name)
+        if single is None or single == "":
+            continue
+        if not isinstance(single, str):
+            raise InvalidRequest(f"{name} must be a string", details={"field": name})
+        return [single]
+    return []
 
 
 def to_bucket_path(ref: Any, bucket: str) -> str:
@@ -111,12 +119,18 @@ def parse_callback(storage: LocalStorage, db: Database, body: dict[str, Any]) ->
         raise InvalidRequest(f"at most {MAX_ASSETS} assets", details={"field": "assets"})
     paths = [storage.validate_key(bucket, to_bucket_path(r, bucket), owner=job.user_id)
              for r in refs]
-    thumb_ref = body.get("thumbnail") or body.get("thumbnail_url") or body.get("thumbnailUrl")
+    thumb_ref = next((body[name] for name in ("thumbnail", "thumbnail_url", "thumbnailUrl")
+                      if body.get(name) not in (None, "")), None)
     thumbnail = (storage.validate_key(bucket, to_bucket_path(thumb_ref, bucket), owner=job.user_id)
-                 if thumb_ref else None)
-    metadata = body.get("metadata") or {}
+                 if thumb_ref is not None else None)
+    metadata = body.get("metadata")
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict):
         raise InvalidRequest("metadata must be an object", details={"field": "metadata"})
+    bad = unstorable(metadata, "metadata")
+    if bad is not None:
+        raise InvalidRequest(f"{bad} holds a non-finite number or invalid Unicode",
+                             details={"field": bad})
     outcome = Outcome(
         status, attempt=attempt, assets=paths, thumbnail=thumbnail,
         error=_text(body, "error_message", "errorMessage", "error"),

@@ -42,6 +42,40 @@ def is_uuid(value: object) -> bool:
     return canonical_uuid(value) is not None
 
 
+def unstorable(value: object, path: str) -> str | None:
+    """The path of the first part of a parsed JSON value that the databases
+    cannot store faithfully, or None.
+
+    Python's JSON parser accepts lone UTF-16 surrogates (``"\\ud800"``) and
+    turns out-of-range numbers (``1e400``) into infinities: PostgreSQL refuses
+    both (or the driver cannot encode them), SQLite stores them and hands back
+    ``Infinity``, which is not JSON. Callers answer a 400 naming the path.
+    """
+    stack: list[tuple[object, str]] = [(value, path)]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, float) and (node != node or node in (float("inf"), float("-inf"))):
+            return where
+        if isinstance(node, str) and not _utf8(node):
+            return where
+        if isinstance(node, dict):
+            for key, child in node.items():
+                if not _utf8(str(key)):
+                    return where
+                stack.append((child, f"{where}.{key}"[:200]))
+        elif isinstance(node, list):
+            stack.extend((child, f"{where}[{i}]"[:200]) for i, child in enumerate(node))
+    return None
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _owned(session: Session, model: Any, user_id: str, row_id: str, label: str) -> Any:
     row = None
     row_id = canonical_uuid(row_id)

@@ -207,6 +207,11 @@ def _check_key_text(key: str) -> None:
         raise InvalidRequest(f"storage key is longer than {MAX_KEY_LENGTH} characters")
     if any(unicodedata.category(ch) == "Cc" for ch in key):
         raise InvalidRequest("storage key contains NUL or control characters")
+    # Lone surrogates cannot be encoded (for the filesystem or the database);
+    # U+FFFD is what invalid UTF-8 in a URL decodes to, so two different raw
+    # keys would name one object.
+    if "\ufffd" in key or any("\ud800" <= ch <= "\udfff" for ch in key):
+        raise InvalidRequest("storage key is not valid UTF-8")
     if "\\" in key:
         raise InvalidRequest("storage key contains a backslash")
     if key.startswith("/"):

@@ -21,7 +21,7 @@ from orchestrator.errors import Conflict, InvalidRequest, NotFound
 from orchestrator.idempotency import KeyedRequest, StoredAnswer
 from orchestrator.jobtypes import JOB_TYPES, VALID_JOB_TYPES, JobType
 from orchestrator.models import Image, Job, Project, Video, utcnow
-from orchestrator.queries import canonical_uuid
+from orchestrator.queries import canonical_uuid, unstorable
 from orchestrator.prompts import build_negative_prompt
 from orchestrator.status import AssetStatus, JobStatus
 
@@ -81,11 +81,15 @@ def _int_option(metadata: dict[str, Any], name: str, lo: int, hi: int, default: 
 
 
 def _check_ids(spec: JobType, req: SubmitRequest) -> SubmitRequest:
-    """Type-appropriate ids, each in its canonical spelling."""
+    """Type-appropriate ids, each in its canonical spelling; metadata the databases can store."""
     if req.image_id and spec.is_video:
         raise InvalidRequest("imageId is only valid for image jobs", details={"field": "imageId"})
     if req.video_id and not spec.is_video:
         raise InvalidRequest("videoId is only valid for video jobs", details={"field": "videoId"})
+    bad = unstorable(req.metadata, "metadata")
+    if bad is not None:
+        raise InvalidRequest(f"{bad} holds a non-finite number or invalid Unicode",
+                             details={"field": bad})
     ids: dict[str, str | None] = {}
     for name, attr in (("projectId", "project_id"), ("imageId", "image_id"), ("videoId", "video_id")):
         value = getattr(req, attr)
@@ -126,6 +130,9 @@ def _negative_prompt(spec: JobType, prompt: str, metadata: dict[str, Any]) -> st
     if extra is not None and not isinstance(extra, str):
         raise InvalidRequest("metadata.negative_prompt must be a string",
                              details={"field": "metadata.negative_prompt"})
+    if extra is not None and len(extra) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(f"negative_prompt is longer than {MAX_PROMPT_CHARS} characters",
+                             details={"field": "metadata.negative_prompt"})
     return f"{extra.strip()}, {built}" if extra and extra.strip() else built
 
 
@@ -138,8 +145,10 @@ def _attach_asset(session: Session, job: Job, spec: JobType, req: SubmitRequest)
                                   quality=spec.quality, updated_at=now, completed_at=None,
                                   thumbnail_url=None)
     if given:
+        # Only the caller's own jobs: another user's busy row is a 404 like any
+        # other user's row (never a 409 naming their job).
         busy = session.execute(select(Job.id).where(
-            (Job.video_id if spec.is_video else Job.image_id) == given,
+            (Job.video_id if spec.is_video else Job.image_id) == given, Job.user_id == job.user_id,
             Job.status.in_((JobStatus.QUEUED.value, JobStatus.PROCESSING.value))).limit(1)
         ).scalar_one_or_none()
         if busy is not None:

@@ -15,7 +15,8 @@ from web.services import services
 bp = Blueprint("files", __name__, url_prefix="/v1/files")
 
 
-@bp.get("/<bucket>/<path:key>")
+# merge_slashes=False: "//" is part of the (then refused) key, never an HTML redirect.
+@bp.get("/<bucket>/<path:key>", merge_slashes=False)
 def download(bucket: str, key: str) -> Any:
     svc = services()
     svc.signer.verify(bucket, key, request.args.get("expires", ""), request.args.get("sig", ""))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import Blueprint, Flask, g, jsonify, request
+from flask import Blueprint, Flask, current_app, g, jsonify, request
 
 from orchestrator import completion, external, queries
 from orchestrator.errors import Conflict, Forbidden, InvalidRequest, NotFound, PayloadTooLarge
@@ -27,6 +27,15 @@ def init_app(app: Flask) -> None:
     base = app.extensions["orchestrator"].settings.queue_base_path
     app.register_blueprint(queue_bp, url_prefix=base or None)
     app.register_blueprint(storage_bp)
+
+
+@queue_bp.before_request
+def _body_cap() -> None:
+    """rpop and llen never read their body: refuse one over the app's cap anyway,
+    as every other POST route does (413, not a silently ignored upload)."""
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    if limit is not None and request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"Request bodies are limited to {limit} bytes")
 
 
 def _family(name: str) -> Family:
@@ -84,7 +93,7 @@ def lpush(name: str, value: str | None = None) -> Any:
     return jsonify({"result": external.waiting(services().db, family)})
 
 
-@storage_bp.route("/<bucket>/<path:key>", methods=["POST", "PUT"])
+@storage_bp.route("/<bucket>/<path:key>", methods=["POST", "PUT"], merge_slashes=False)
 @worker_required
 def upload(bucket: str, key: str) -> Any:
     """Store a file for a leased job: only into that job's bucket and owner folder,
