@@ -9,8 +9,10 @@ the job owner's folder; a URL is only parsed, never fetched.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from orchestrator.completion import Outcome
 from orchestrator.db import Database
@@ -23,6 +25,85 @@ from orchestrator.storage import LocalStorage
 
 MAX_ASSETS = 16
 MAX_TEXT = 4000
+
+
+_UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+_JobId = Annotated[str, Field(pattern=_UUID_PATTERN, min_length=36, max_length=36,
+                              json_schema_extra={"format": "uuid"})]
+_Text = Annotated[str, Field(max_length=MAX_TEXT)]
+_Ref = Annotated[str, Field(min_length=1, max_length=2048, description=(
+    "`<user_id>/<file>`, `<bucket>/<user_id>/<file>` or a storage URL of the job's bucket"))]
+
+
+class AssetObject(BaseModel):
+    """An asset given as an object: its ``path`` or else its ``url`` is read."""
+
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra={"anyOf": [
+        {"required": ["path"], "properties": {"path": {"type": "string", "minLength": 1}}},
+        {"required": ["url"], "properties": {"url": {"type": "string", "minLength": 1}}}]})
+
+    path: _Ref | None = None
+    url: _Ref | None = None
+
+    @model_validator(mode="after")
+    def _one_reference(self) -> "AssetObject":
+        if not (self.path or self.url):
+            raise ValueError("an asset object needs a path or a url")
+        return self
+
+
+_Asset = _Ref | AssetObject
+
+
+class CallbackBody(BaseModel):
+    """A worker's report (CONTRACT §5), either dialect; names are tried in the order listed
+    (``job_id`` then ``jobId``; ``assets``, then ``imageUrls``, then ``filePath``, then
+    ``outputUrl``). Paths are checked against the job's bucket and owner afterwards."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"anyOf": [
+        {"required": ["job_id"], "properties": {"job_id": {"type": "string"}}},
+        {"required": ["jobId"], "properties": {"jobId": {"type": "string"}}}]})
+
+    job_id: _JobId | None = Field(default=None, description="The job (current dialect)")
+    jobId: _JobId | None = Field(default=None, description="The job (legacy dialect)")
+    status: Literal["processing", "completed", "failed"]
+    attempt: int | None = Field(default=None, ge=0, le=2**31 - 1, description=(
+        "The attempt the worker ran (the job JSON's `attempt`): a stale attempt changes nothing"))
+    assets: list[_Asset] | None = Field(default=None, max_length=MAX_ASSETS)
+    imageUrls: list[_Asset] | None = Field(default=None, max_length=MAX_ASSETS)
+    filePath: str | None = Field(default=None, max_length=2048)
+    outputUrl: str | None = Field(default=None, max_length=2048)
+    thumbnail: _Asset | None = None
+    thumbnail_url: _Asset | None = None
+    thumbnailUrl: _Asset | None = None
+    error_message: _Text | None = None
+    errorMessage: _Text | None = None
+    error: _Text | None = None
+    enhanced_prompt: _Text | None = None
+    enhancedPrompt: _Text | None = None
+    metadata: dict[str, Any] | None = Field(default=None, description="Kept on the job's result")
+
+    @model_validator(mode="after")
+    def _has_job(self) -> "CallbackBody":
+        if self.job_id is None and self.jobId is None:
+            raise ValueError("job_id (or jobId) is required")
+        return self
+
+
+def check_shape(body: dict[str, Any]) -> CallbackBody:
+    """``body`` as a :class:`CallbackBody`; :class:`InvalidRequest` naming the first problem."""
+    try:
+        return CallbackBody.model_validate(body)
+    except ValidationError as e:
+        details: list[dict[str, str]] = []
+        for err in e.errors(include_url=False, include_input=False):
+            # Union members tag their errors ("constrained-str", "function-after[...]"): not fields.
+            where = ".".join(str(p) for p in err["loc"]
+                             if isinstance(p, int) or (p.isidentifier() and p != "AssetObject"))
+            detail = {"field": where or "body", "message": err["msg"]}
+            if detail not in details:
+                details.append(detail)
+        raise InvalidRequest(f"Invalid callback: {details[0]['field']}", details=details) from None
 
 
 @dataclass(frozen=True)
@@ -94,6 +175,7 @@ def parse_callback(storage: LocalStorage, db: Database, body: dict[str, Any]) ->
         InvalidRequest: malformed body, unknown status, bad asset path.
         NotFound: no such job.
     """
+    check_shape(body)
     job_id = canonical_uuid(_text(body, "job_id", "jobId"))
     if job_id is None:
         raise InvalidRequest("job_id must be a job uuid", details={"field": "job_id"})

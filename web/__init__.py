@@ -45,11 +45,11 @@ def create_app(settings: Settings | None = None, *, publisher: Publisher | None 
         revocations=RevocationList(database, settings.revocation_refresh_seconds),
     )
 
-    from web import api, auth, errors, files, functions, health, workers
+    from web import api, auth, errors, files, functions, health, openapi, workers
 
     errors.init_app(app)
     auth.init_app(app)
-    for module in (functions, api, files, health):
+    for module in (functions, api, files, health, openapi):
         app.register_blueprint(module.bp)
     workers.init_app(app)
 

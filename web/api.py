@@ -3,19 +3,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, g, jsonify, request
+from flask import Blueprint, g, jsonify
 
 from orchestrator import completion, queries, submission
-from orchestrator.errors import InvalidRequest
 from orchestrator.records import asset_record, image_row, job_record, video_row
-from orchestrator.submission import SubmitRequest, Submitted
+from orchestrator.submission import Submitted
 from web.auth import user_required
 from web.functions import publish_committed, submit_and_publish
 from web.idempotent import keyed_write
-from web.schemas import AssetBody, ProjectBody, QueueJobBody, parse
+from web.openapi import Link, spec
+from web.schemas import (AssetBody, AssetId, ImageRecord, ImageRow, JobId, JobPage, JobRecord,
+                         ListJobsQuery, MeAnswer, ProjectBody, ProjectId, ProjectRecord,
+                         QueueJobBody, SubmittedJob, VideoRecord, VideoRow, parse,
+                         parse_job_request)
 from web.services import services
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
+
+_JOB_LINKS = {
+    "GetJob": Link("api.get_job", {"job_id": "$response.body#/job/id"}),
+    "CancelJob": Link("api.cancel_job", {"job_id": "$response.body#/job/id"}),
+}
 
 
 def _job(job: Any) -> dict[str, Any]:
@@ -28,34 +36,39 @@ def _created_answer(submitted: Submitted) -> tuple[int, dict[str, Any]]:
 
 
 @bp.post("/jobs")
+@spec(summary="Submit a job (REST answer)", tags=["jobs"], auth="user", body=QueueJobBody,
+      idempotent=True, responses={201: SubmittedJob}, errors=(402, 404, 409, 429, 503),
+      links={201: _JOB_LINKS},
+      description="The same submission as `queue-job`: charged at once, refunded if it fails.")
 @user_required
 def create_job() -> Any:
-    body = parse(QueueJobBody)
-    return submit_and_publish(g.user_id, SubmitRequest(
-        job_type=body.job_type, metadata=body.metadata or {}, project_id=body.project_id,
-        image_id=body.image_id, video_id=body.video_id), _created_answer)
+    return submit_and_publish(g.user_id, parse_job_request(), _created_answer)
 
 
 @bp.get("/jobs")
+@spec(summary="The caller's jobs, newest first", tags=["jobs"], auth="user", query=ListJobsQuery,
+      responses={200: JobPage}, errors=(503,))
 @user_required
 def list_jobs() -> Any:
-    raw_limit = request.args.get("limit", "20")
-    if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 4):
-        raise InvalidRequest("limit must be an integer", details={"field": "limit"})
+    query = ListJobsQuery.from_request()
     jobs, cursor = queries.list_jobs(
-        services().db, g.user_id, status=request.args.get("status") or None,
-        job_type=request.args.get("job_type") or None, limit=int(raw_limit),
-        cursor=request.args.get("cursor") or None)
+        services().db, g.user_id, status=query.status, job_type=query.job_type,
+        limit=query.limit, cursor=query.cursor)
     return jsonify({"jobs": [_job(j) for j in jobs], "next_cursor": cursor})
 
 
 @bp.get("/jobs/<job_id>")
+@spec(summary="A job", tags=["jobs"], auth="user", path={"job_id": JobId},
+      responses={200: JobRecord}, errors=(404, 503))
 @user_required
 def get_job(job_id: str) -> Any:
     return jsonify(_job(queries.get_job(services().db, g.user_id, job_id)))
 
 
 @bp.post("/jobs/<job_id>/cancel")
+@spec(summary="Cancel a queued or running job (refunded once)", tags=["jobs"], auth="user",
+      path={"job_id": JobId}, idempotent=True, responses={200: JobRecord},
+      errors=(404, 409, 503), description="409 when the job has already ended.")
 @user_required
 def cancel_job(job_id: str) -> Any:
     return keyed_write(g.user_id, lambda: (
@@ -63,6 +76,10 @@ def cancel_job(job_id: str) -> Any:
 
 
 @bp.post("/jobs/<job_id>/retry")
+@spec(summary="Requeue a failed job as a new run", tags=["jobs"], auth="user",
+      path={"job_id": JobId}, idempotent=True, responses={200: SubmittedJob},
+      errors=(402, 404, 409, 429, 503),
+      description="Charged again, refunded again if it fails; 409 unless the job failed.")
 @user_required
 def retry_job(job_id: str) -> Any:
     """Requeue a failed job as a new run (charged again; refunded if it fails)."""
@@ -79,6 +96,8 @@ def retry_job(job_id: str) -> Any:
 
 
 @bp.get("/images/<image_id>")
+@spec(summary="An image row with download links", tags=["assets"], auth="user",
+      path={"image_id": AssetId}, responses={200: ImageRecord}, errors=(404, 503))
 @user_required
 def get_image(image_id: str) -> Any:
     image = queries.get_image(services().db, g.user_id, image_id)
@@ -87,6 +106,8 @@ def get_image(image_id: str) -> Any:
 
 
 @bp.get("/videos/<video_id>")
+@spec(summary="A video row with download links", tags=["assets"], auth="user",
+      path={"video_id": AssetId}, responses={200: VideoRecord}, errors=(404, 503))
 @user_required
 def get_video(video_id: str) -> Any:
     video = queries.get_video(services().db, g.user_id, video_id)
@@ -95,29 +116,35 @@ def get_video(video_id: str) -> Any:
 
 
 @bp.post("/images")
+@spec(summary="Pre-create an image row (pass its id as imageId)", tags=["assets"], auth="user",
+      body=AssetBody, responses={201: ImageRow}, errors=(404, 503),
+      links={201: {"GetImage": Link("api.get_image", {"image_id": "$response.body#/id"})}})
 @user_required
 def create_image() -> Any:
     return _create_asset("image")
 
 
 @bp.post("/videos")
+@spec(summary="Pre-create a video row (pass its id as videoId)", tags=["assets"], auth="user",
+      body=AssetBody, responses={201: VideoRow}, errors=(404, 503),
+      links={201: {"GetVideo": Link("api.get_video", {"video_id": "$response.body#/id"})}})
 @user_required
 def create_video() -> Any:
     return _create_asset("video")
 
 
 def _create_asset(kind: str) -> Any:
-    body = parse(AssetBody)
-    project_id = queries.canonical_uuid(body.project_id)
-    if body.project_id is not None and project_id is None:
-        raise InvalidRequest("project_id must be a uuid", details={"field": "project_id"})
+    body = parse(AssetBody)  # project_id, when given, is a uuid (the model says so)
     asset = queries.create_asset(services().db, g.user_id, kind, title=body.title,
-                                 prompt=body.prompt, project_id=project_id)
+                                 prompt=body.prompt, project_id=queries.canonical_uuid(body.project_id))
     row = image_row(asset) if kind == "image" else video_row(asset)
     return jsonify(row), 201
 
 
 @bp.post("/projects")
+@spec(summary="Create a project (queue-job resolves its prompt)", tags=["projects"], auth="user",
+      body=ProjectBody, responses={201: ProjectRecord}, errors=(503,),
+      links={201: {"GetProject": Link("api.get_project", {"project_id": "$response.body#/id"})}})
 @user_required
 def create_project() -> Any:
     body = parse(ProjectBody)
@@ -126,6 +153,8 @@ def create_project() -> Any:
 
 
 @bp.get("/projects/<project_id>")
+@spec(summary="A project", tags=["projects"], auth="user", path={"project_id": ProjectId},
+      responses={200: ProjectRecord}, errors=(404, 503))
 @user_required
 def get_project(project_id: str) -> Any:
     return jsonify(_project(queries.get_project(services().db, g.user_id, project_id)))
@@ -140,6 +169,8 @@ def _project(p: Any) -> dict[str, Any]:
 
 
 @bp.get("/me")
+@spec(summary="The caller's balance and roles", tags=["account"], auth="user",
+      responses={200: MeAnswer}, errors=(503,))
 @user_required
 def me() -> Any:
     return jsonify(queries.me(services().db, g.user_id))

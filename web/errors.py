@@ -45,7 +45,13 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):  # type: ignore[no-untyped-def]
         code = (exc.name or "error").lower().replace(" ", "_")
-        return error_response(exc.code or 500, exc.description or exc.name, code)
+        response, status = error_response(exc.code or 500, exc.description or exc.name, code)
+        # Werkzeug's own headers mean something (Allow of a 405, Content-Range of a 416,
+        # WWW-Authenticate): keep them, only the body's type and length are ours.
+        for name, value in exc.get_headers():
+            if name.lower() not in ("content-type", "content-length"):
+                response.headers.add(name, value)
+        return response, status
 
     @app.errorhandler(DataError)
     def _bad_data(exc: DBAPIError):  # type: ignore[no-untyped-def]

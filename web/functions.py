@@ -10,13 +10,15 @@ from flask import Blueprint, g, jsonify
 from sqlalchemy.exc import DBAPIError
 
 from orchestrator import completion, external, faults, idempotency, queries
-from orchestrator.callbacks import parse_callback
+from orchestrator.callbacks import CallbackBody, parse_callback
 from orchestrator.records import iso, job_record
 from orchestrator.status import JobStatus
 from orchestrator.submission import Answer, DuplicateKey, SubmitRequest, Submitted, submit_job
 from web import idempotent
 from web.auth import admin_required, user_required, worker_required
-from web.schemas import AdminImageBody, QueueJobBody, parse, parse_object
+from web.openapi import Link, Reply, spec
+from web.schemas import (AdminImageAnswer, AdminImageBody, CallbackAnswer, ErrorBody,
+                         QueueJobAnswer, QueueJobBody, parse, parse_job_request, parse_object)
 from web.services import services
 
 log = logging.getLogger(__name__)
@@ -97,15 +99,31 @@ def queue_job_answer(submitted: Submitted) -> tuple[int, dict[str, Any]]:
 
 
 @bp.post("/queue-job")
+@spec(summary="Submit a job (CONTRACT §2)", tags=["legacy functions"], auth="user",
+      body=QueueJobBody, idempotent=True, responses={200: QueueJobAnswer},
+      errors=(402, 404, 409, 429, 503),
+      links={200: {"GetJob": Link("api.get_job", {"job_id": "$response.body#/job/id"})}},
+      description=(
+          "Validates the job, resolves its prompt (the project's enhanced, then original prompt, "
+          "then `metadata.prompt`), charges the job type's credits and queues it. 404: the "
+          "project or pre-created image/video is not the caller's; 409: that image/video is "
+          "already being generated."))
 @user_required
 def queue_job() -> Any:
-    body = parse(QueueJobBody)
-    req = SubmitRequest(job_type=body.job_type, metadata=body.metadata or {},
-                        project_id=body.project_id, image_id=body.image_id, video_id=body.video_id)
-    return submit_and_publish(g.user_id, req, queue_job_answer)
+    return submit_and_publish(g.user_id, parse_job_request(), queue_job_answer)
 
 
 @bp.post("/job-callback")
+@spec(summary="A worker reports progress or the result (CONTRACT §5)", tags=["workers"],
+      auth="worker", body=CallbackBody, errors=(404, 409, 503), responses={
+          200: Reply(CallbackAnswer, headers=("Idempotent-Replayed",))}, description=(
+          "Both dialects: current `{job_id, status, assets, error_message, ...}` and legacy "
+          "`{jobId, status, filePath?, outputUrl?, imageUrls?, errorMessage?, ...}`. Asset "
+          "references must lie in the job's bucket under its owner's folder. A callback for a "
+          "job that already ended changes nothing and answers its state. Signed deliveries "
+          "(`webhook-id`, `webhook-timestamp`, `webhook-signature`: the webhookSignature "
+          "scheme) are answered once per `webhook-id`; a redelivery replays the answer. 409: "
+          "an external worker's lease expired, or a `webhook-id` came with another body."))
 @worker_required
 def job_callback() -> Any:
     return idempotent.once_per_webhook_id(g.get("webhook_id"), _apply_callback)
@@ -128,14 +146,20 @@ def _apply_callback() -> tuple[int, dict[str, Any]]:
 
 
 @bp.post("/generate-admin-image")
+@spec(summary="Generate one image now, admins only (CONTRACT §6)", tags=["legacy functions"],
+      auth="admin", body=AdminImageBody, errors=(402, 429, 503), responses={
+          200: AdminImageAnswer,
+          502: Reply(ErrorBody, "The generation failed (`code` generation_failed)"),
+          504: Reply(ErrorBody, "Not finished within ADMIN_IMAGE_TIMEOUT (`code` timeout); "
+                                "the job continues")})
 @admin_required
 def generate_admin_image() -> Any:
     body = parse(AdminImageBody)
     svc = services()
     mode = body.mode or "fast"
-    job_type = ADMIN_MODES.get(mode, "sdxl_image_fast")
-    metadata = {**(body.metadata or {}), "prompt": body.prompt, "num_images": 1, "admin": True,
-                "mode": mode}
+    job_type = ADMIN_MODES[mode]
+    extra = body.metadata.model_dump(exclude_unset=True) if body.metadata is not None else {}
+    metadata = {**extra, "prompt": body.prompt, "num_images": 1, "admin": True, "mode": mode}
     submitted = submit_job(svc.db, g.user_id, SubmitRequest(job_type=job_type, metadata=metadata),
                            max_attempts=svc.settings.max_attempts)
     publish_committed(submitted.job, metadata)
@@ -146,7 +170,7 @@ def generate_admin_image() -> Any:
         return jsonify({"success": True, "image": {
             "id": job.image_id, "job_id": job.id, "url": url, "thumbnail_url": url,
             "prompt": body.prompt, "mode": mode, "timestamp": iso(job.completed_at),
-            "metadata": {**(body.metadata or {}), "job_type": job_type, "seed": job.seed,
+            "metadata": {**extra, "job_type": job_type, "seed": job.seed,
                          "path": path, "bucket": bucket}}})
     if JobStatus(job.status).is_terminal:
         return jsonify({"success": False, "error": f"Generation {job.status}: {job.error_message}",

@@ -7,17 +7,22 @@ from typing import Any
 from flask import Blueprint, jsonify
 from sqlalchemy import text
 
+from web.openapi import Reply, spec
+from web.schemas import HealthAnswer, ReadyAnswer
 from web.services import services
 
 bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
+@spec(summary="The process is alive", tags=["meta"], responses={200: HealthAnswer})
 def healthz() -> Any:
     return jsonify({"status": "ok"})
 
 
 @bp.get("/readyz")
+@spec(summary="Database, broker and storage reachable", tags=["meta"], responses={
+    200: ReadyAnswer, 503: Reply(ReadyAnswer, "Not ready: `checks` names what is down")})
 def readyz() -> Any:
     """Database, broker and storage reachable: 200, else 503 naming what is down."""
     svc = services()

@@ -16,7 +16,10 @@ from flask import Blueprint, Flask, current_app, g, jsonify, request
 from orchestrator import completion, external, queries
 from orchestrator.errors import Conflict, Forbidden, InvalidRequest, NotFound, PayloadTooLarge
 from orchestrator.jobtypes import JOB_TYPES, Family
+from web import openapi
 from web.auth import worker_required
+from web.schemas import (BINARY, Bucket, LeasedJob, ListName, LpushBody, QueueCount, QueueItem,
+                         StorageKey, UploadAnswer, Upsert, WorkerId)
 from web.services import services
 
 queue_bp = Blueprint("worker_queue", __name__)
@@ -50,6 +53,12 @@ def _served(family: Family) -> bool:
 
 
 @queue_bp.route("/rpop/<name>", methods=["GET", "POST"])
+@openapi.spec(summary="Lease the oldest waiting job of a list (CONTRACT §3)", tags=["workers"],
+              auth="worker", path={"name": ListName}, headers={"X-Worker-Id": WorkerId},
+              responses={200: QueueItem}, errors=(404, 413, 503), description=(
+                  "`{\"result\": \"<job JSON>\"}` or `{\"result\": null}`; the job is leased, not "
+                  "lost: it is offered again if the worker goes silent. Lists of families not "
+                  "in EXTERNAL_FAMILIES are always empty."))
 @worker_required
 def rpop(name: str) -> Any:
     """Lease the oldest waiting job of the list's family: ``{"result": "<job JSON>"}`` or null."""
@@ -62,6 +71,8 @@ def rpop(name: str) -> Any:
 
 
 @queue_bp.route("/llen/<name>", methods=["GET", "POST"])
+@openapi.spec(summary="Jobs waiting in a list", tags=["workers"], auth="worker",
+              path={"name": ListName}, responses={200: QueueCount}, errors=(404, 413, 503))
 @worker_required
 def llen(name: str) -> Any:
     family = _family(name)
@@ -70,6 +81,14 @@ def llen(name: str) -> Any:
 
 @queue_bp.route("/lpush/<name>", methods=["POST"])
 @queue_bp.route("/lpush/<name>/<path:value>", methods=["GET", "POST"])
+@openapi.spec(summary="Give a leased job back to its list", tags=["workers"], auth="worker",
+              path={"name": ListName, "value": LeasedJob}, body_unless="value", body_content={
+                  "application/json": LpushBody,
+                  "text/plain": LeasedJob},
+              responses={200: QueueCount}, errors=(400, 404, 409, 413, 503), description=(
+                  "The value (path or body) is the job JSON an rpop returned, or its id. Jobs are "
+                  "created only with queue-job: anything else is a 400; a job that is not leased "
+                  "is a 409."))
 @worker_required
 def lpush(name: str, value: str | None = None) -> Any:
     """Give a leased job back to its queue (the value is the job JSON or its id).
@@ -94,6 +113,16 @@ def lpush(name: str, value: str | None = None) -> Any:
 
 
 @storage_bp.route("/<bucket>/<path:key>", methods=["POST", "PUT"], merge_slashes=False)
+@openapi.spec(summary="Upload a file of a leased job (CONTRACT §4)", tags=["workers"],
+              auth="worker", path={"bucket": Bucket, "key": StorageKey},
+              headers={"x-upsert": Upsert}, body_content={
+                  "application/octet-stream": BINARY, "image/png": BINARY, "video/mp4": BINARY,
+                  "multipart/form-data": {"type": "object", "required": ["file"],
+                                          "properties": {"file": BINARY}}},
+              responses={200: UploadAnswer}, errors=(403, 409, 503), description=(
+                  "Only into the bucket of a job leased to a worker, under its owner's folder, "
+                  "up to the bucket's size cap (413). 403: no such job is leased; 409: the object "
+                  "exists and `x-upsert` is not `true`."))
 @worker_required
 def upload(bucket: str, key: str) -> Any:
     """Store a file for a leased job: only into that job's bucket and owner folder,
