@@ -174,6 +174,9 @@ class Settings:
             raise ConfigurationError("GENERATION_TIME_SCALE must be >= 0")
         if settings.max_attempts < 1:
             raise ConfigurationError("MAX_ATTEMPTS must be >= 1")
+        if settings.max_active_jobs < 0:
+            raise ConfigurationError("MAX_ACTIVE_JOBS must be >= 0 (0: no cap)")
+        _check_rate_limit(settings.submit_rate_limit)
         return settings
 
     @property
@@ -191,6 +194,19 @@ class Settings:
             "!! Set them (and ORCHESTRATOR_ENV=production) before exposing it.\n" + "!" * 72
         )
         print(banner, file=sys.stderr, flush=True)
+
+
+def _check_rate_limit(raw: str) -> None:
+    """``SUBMIT_RATE_LIMIT`` in the limits library's syntax (``30/minute;5/second``)."""
+    if not raw:
+        return
+    from limits import parse_many
+
+    try:
+        parse_many(raw)
+    except ValueError:
+        raise ConfigurationError(
+            f"SUBMIT_RATE_LIMIT must look like '30/minute;5/second', got {raw!r}") from None
 
 
 def _base_path(raw: str) -> str:

@@ -6,12 +6,13 @@ charge impossible even if two writers raced past every other guard.
 """
 from __future__ import annotations
 
-from sqlalchemy import insert, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from orchestrator.errors import InsufficientCredits
-from orchestrator.models import CreditEntry, Profile, utcnow
+from orchestrator.errors import InsufficientCredits, RateLimited
+from orchestrator.models import CreditEntry, Job, Profile, utcnow
+from orchestrator.status import JobStatus
 
 DEFAULT_BALANCE = 100
 
@@ -34,22 +35,47 @@ def _add_to_balance(session: Session, user_id: str, delta: int) -> int | None:
     return session.execute(stmt).scalar_one_or_none()
 
 
-def debit(session: Session, user_id: str, amount: int) -> int:
+_ACTIVE = (JobStatus.QUEUED.value, JobStatus.PROCESSING.value)
+
+
+def _debit_counting_active(session: Session, user_id: str, amount: int) -> tuple[int, int] | None:
+    """Debit and count the user's queued+processing jobs in the same statement."""
+    active = (select(func.count()).select_from(Job)
+              .where(Job.user_id == user_id, Job.status.in_(_ACTIVE)).scalar_subquery())
+    row = session.execute(
+        update(Profile).where(Profile.id == user_id, Profile.token_balance >= amount)
+        .values(token_balance=Profile.token_balance - amount, updated_at=utcnow())
+        .returning(Profile.token_balance, active)).one_or_none()
+    return None if row is None else (row[0], row[1])
+
+
+def debit(session: Session, user_id: str, amount: int, *, max_active: int = 0,
+          retry_after: int = 10) -> int:
     """Take ``amount`` from the user's balance; return the new balance.
 
     A user seen for the first time gets a profile with the default balance.
+    With ``max_active``, the same statement counts the user's queued and
+    processing jobs (no extra round trip); at the cap the caller's transaction
+    must roll back (the debit with it).
 
     Raises:
         InsufficientCredits: the balance is below ``amount`` (nothing changes).
+        RateLimited: the user already has ``max_active`` jobs queued or running.
     """
-    balance = _add_to_balance(session, user_id, -amount)
-    if balance is None:
+    row = _debit_counting_active(session, user_id, amount)
+    if row is None:
         ensure_profile(session, user_id)
-        balance = _add_to_balance(session, user_id, -amount)
-    if balance is None:
+        row = _debit_counting_active(session, user_id, amount)
+    if row is None:
         raise InsufficientCredits(
             f"Insufficient credits: this job costs {amount}",
             details={"required": amount})
+    balance, active = row
+    if max_active and active >= max_active:
+        raise RateLimited(
+            f"You have {active} jobs queued or running; the limit is {max_active}. "
+            "Submit more when some finish.", retry_after=retry_after,
+            details={"active_jobs": active, "max_active_jobs": max_active})
     return balance
 
 

@@ -76,8 +76,14 @@ class Unprocessable(OrchestratorError):
 
 
 class RateLimited(OrchestratorError):
+    """Too many requests or jobs; ``retry_after`` seconds is a fair time to wait."""
+
     status = 429
     code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int, details: Any = None) -> None:
+        super().__init__(message, details=details)
+        self.retry_after = retry_after
 
 
 class ServiceUnavailable(OrchestratorError):

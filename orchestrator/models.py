@@ -135,6 +135,8 @@ class Job(Base):
         Index("ix_jobs_family_status_created", "family", "status", "created_at"),
         # Reconciler: expired leases and unpublished jobs.
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+        # The per-user cap on queued+processing jobs, counted at every submission.
+        Index("ix_jobs_user_status", "user_id", "status"),
     )
 
     id: Mapped[str] = mapped_column(IdType, primary_key=True, default=new_id)

@@ -185,8 +185,14 @@ def queue_length(session: Session, family: str) -> int:
     ).scalar_one()
 
 
+def _wait_hint(spec: JobType) -> int:
+    """Retry-After for a user at the active-jobs cap: about one job's run time."""
+    return max(5, min(60, int(spec.expected_seconds)))
+
+
 def submit_job(db: Database, user_id: str, req: SubmitRequest, *, max_attempts: int,
-               key: KeyedRequest | None = None, answer: Answer | None = None) -> Submitted:
+               max_active: int = 0, key: KeyedRequest | None = None,
+               answer: Answer | None = None) -> Submitted:
     """Record and charge a new job; commit before returning.
 
     With ``key`` and ``answer``, the client's answer is stored under its
@@ -196,6 +202,7 @@ def submit_job(db: Database, user_id: str, req: SubmitRequest, *, max_attempts: 
         InvalidRequest: unknown type, bad ids or options, no prompt.
         NotFound: the project or image/video is not this user's.
         InsufficientCredits: the balance is below the type's price.
+        RateLimited: the user has ``max_active`` jobs queued or processing.
         DuplicateKey: a concurrent request with the same key won.
     """
     spec = resolve_job_type(req.job_type)
@@ -206,7 +213,8 @@ def submit_job(db: Database, user_id: str, req: SubmitRequest, *, max_attempts: 
     seed = _int_option(metadata, "seed", 0, 2**32 - 1, derive_seed(job_id))
     with db.transaction() as session:
         prompt, project = _resolve_prompt(session, user_id, req)
-        balance = credits.debit(session, user_id, spec.credits)
+        balance = credits.debit(session, user_id, spec.credits, max_active=max_active,
+                                retry_after=_wait_hint(spec))
         now = utcnow()
         job = Job(
             id=job_id, user_id=user_id, job_type=spec.name, family=spec.family.value,
@@ -243,7 +251,8 @@ def submit_job(db: Database, user_id: str, req: SubmitRequest, *, max_attempts: 
     return submitted
 
 
-def retry_job(db: Database, user_id: str, job_id: str, *, max_attempts: int) -> Submitted:
+def retry_job(db: Database, user_id: str, job_id: str, *, max_attempts: int,
+              max_active: int = 0) -> Submitted:
     """Requeue a failed job as a new run: charged again, refunded again if it fails.
 
     Attempt numbers keep counting (so a late writer of an old run stays
@@ -253,6 +262,7 @@ def retry_job(db: Database, user_id: str, job_id: str, *, max_attempts: int) -> 
         NotFound: no such job of this user.
         Conflict: the job is not failed.
         InsufficientCredits: the balance is below the job's price.
+        RateLimited: the user has ``max_active`` jobs queued or processing.
     """
     job_id = canonical_uuid(job_id)  # type: ignore[assignment]
     if job_id is None:
@@ -265,7 +275,8 @@ def retry_job(db: Database, user_id: str, job_id: str, *, max_attempts: int) -> 
         if job.status != JobStatus.FAILED.value:
             raise Conflict(f"Only failed jobs can be retried; this one is {job.status}",
                            details={"status": job.status})
-        balance = credits.debit(session, user_id, job.credits)
+        balance = credits.debit(session, user_id, job.credits, max_active=max_active,
+                                retry_after=_wait_hint(JOB_TYPES[job.job_type]))
         charge_no = job.charges + 1
         meta = {k: v for k, v in (job.metadata_ or {}).items()
                 if k not in ("primary_asset", "all_assets")}

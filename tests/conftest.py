@@ -91,6 +91,9 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         "RESULT_BACKEND": TEST_REDIS_URL,
         "VAR_DIR": str(tmp_path / "var"),
         "STORAGE_ROOT": str(tmp_path / "storage"),
+        # Tests submit many jobs as one user; tests/test_rate_limits.py sets real limits.
+        "SUBMIT_RATE_LIMIT": "1000/second",
+        "MAX_ACTIVE_JOBS": "0",
     })
 
 

@@ -267,7 +267,9 @@ def make_stack(kind: str, var_dir: Path, processes: tuple[str, ...], *,
     env = {k: v for k, v in os.environ.items()
            if k not in {"DATABASE_URL", "BROKER_URL", "RESULT_BACKEND", "REDIS_URL", "STORAGE_ROOT"}}
     env.update(VAR_DIR=str(var_dir), PORT=str(free_port()), PYTHONUNBUFFERED="1",
-               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", WEB_CONCURRENCY="2")
+               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", WEB_CONCURRENCY="2",
+               # stacks submit many jobs as one user: the limiter runs, generously
+               SUBMIT_RATE_LIMIT="1000/second", MAX_ACTIVE_JOBS="0")
     env.update(overrides)
     stack = Stack(env=env, logs=var_dir, processes=processes)
     if kind == "postgres-redis":

@@ -32,7 +32,10 @@ def test_dev_secret_banner_is_loud(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.parametrize("name,value", [("PORT", "eighty"), ("GENERATION_TIME_SCALE", "-1"),
-                                        ("MAX_ATTEMPTS", "0")])
+                                        ("MAX_ATTEMPTS", "0"), ("MAX_ACTIVE_JOBS", "-1"),
+                                        ("SUBMIT_RATE_LIMIT", "lots"),
+                                        ("SUBMIT_RATE_LIMIT", "5 per fortnight"),
+                                        ("REVOCATION_REFRESH_SECONDS", "soon")])
 def test_bad_values_are_refused(name: str, value: str) -> None:
     with pytest.raises(ConfigurationError, match=name):
         Settings.from_env({name: value})

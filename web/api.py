@@ -9,6 +9,7 @@ from orchestrator import completion, queries, submission
 from orchestrator.records import asset_record, image_row, job_record, video_row
 from orchestrator.submission import Submitted
 from web.auth import user_required
+from web.limits import submission_limit
 from web.functions import publish_committed, submit_and_publish
 from web.idempotent import keyed_write
 from web.openapi import Link, spec
@@ -41,6 +42,7 @@ def _created_answer(submitted: Submitted) -> tuple[int, dict[str, Any]]:
       links={201: _JOB_LINKS},
       description="The same submission as `queue-job`: charged at once, refunded if it fails.")
 @user_required
+@submission_limit
 def create_job() -> Any:
     return submit_and_publish(g.user_id, parse_job_request(), _created_answer)
 
@@ -81,13 +83,15 @@ def cancel_job(job_id: str) -> Any:
       errors=(402, 404, 409, 429, 503),
       description="Charged again, refunded again if it fails; 409 unless the job failed.")
 @user_required
+@submission_limit
 def retry_job(job_id: str) -> Any:
     """Requeue a failed job as a new run (charged again; refunded if it fails)."""
 
     def run() -> tuple[int, dict[str, Any]]:
         svc = services()
         submitted = submission.retry_job(svc.db, g.user_id, job_id,
-                                         max_attempts=svc.settings.max_attempts)
+                                         max_attempts=svc.settings.max_attempts,
+                                         max_active=svc.settings.max_active_jobs)
         publish_committed(submitted.job)
         return 200, {"job": _job(submitted.job), "queue_length": submitted.queue_length,
                      "token_balance": submitted.balance}

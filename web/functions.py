@@ -16,6 +16,7 @@ from orchestrator.status import JobStatus
 from orchestrator.submission import Answer, DuplicateKey, SubmitRequest, Submitted, submit_job
 from web import idempotent
 from web.auth import admin_required, user_required, worker_required
+from web.limits import submission_limit
 from web.openapi import Link, Reply, spec
 from web.schemas import (AdminImageAnswer, AdminImageBody, CallbackAnswer, ErrorBody,
                          QueueJobAnswer, QueueJobBody, parse, parse_job_request, parse_object)
@@ -62,6 +63,7 @@ def submit_and_publish(user_id: str, req: SubmitRequest, answer: Answer) -> Any:
         return idempotent.replay(stored)
     try:
         submitted = submit_job(svc.db, user_id, req, max_attempts=svc.settings.max_attempts,
+                               max_active=svc.settings.max_active_jobs,
                                key=key, answer=answer)
     except DuplicateKey:
         return idempotent.replay_after_race(key)
@@ -109,6 +111,7 @@ def queue_job_answer(submitted: Submitted) -> tuple[int, dict[str, Any]]:
           "project or pre-created image/video is not the caller's; 409: that image/video is "
           "already being generated."))
 @user_required
+@submission_limit
 def queue_job() -> Any:
     return submit_and_publish(g.user_id, parse_job_request(), queue_job_answer)
 
@@ -153,6 +156,7 @@ def _apply_callback() -> tuple[int, dict[str, Any]]:
           504: Reply(ErrorBody, "Not finished within ADMIN_IMAGE_TIMEOUT (`code` timeout); "
                                 "the job continues")})
 @admin_required
+@submission_limit
 def generate_admin_image() -> Any:
     body = parse(AdminImageBody)
     svc = services()
@@ -161,7 +165,8 @@ def generate_admin_image() -> Any:
     extra = body.metadata.model_dump(exclude_unset=True) if body.metadata is not None else {}
     metadata = {**extra, "prompt": body.prompt, "num_images": 1, "admin": True, "mode": mode}
     submitted = submit_job(svc.db, g.user_id, SubmitRequest(job_type=job_type, metadata=metadata),
-                           max_attempts=svc.settings.max_attempts)
+                           max_attempts=svc.settings.max_attempts,
+                           max_active=svc.settings.max_active_jobs)
     publish_committed(submitted.job, metadata)
     job = _wait_for_end(submitted.job.id, svc.settings.admin_image_timeout)
     if job.status == JobStatus.COMPLETED.value:

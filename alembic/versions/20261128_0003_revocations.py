@@ -1,11 +1,12 @@
-"""revocations
+"""revocations, jobs(user_id, status) index
 
 Revision ID: 0003
 Revises: 0002
 Create Date: 2026-11-28
 
 Revoked user sessions and users (``orchestrator revoke``), so a revocation
-survives restarts and reaches every web process.
+survives restarts and reaches every web process; an index for counting a
+user's queued and processing jobs (the per-user cap) at each submission.
 """
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("kind", "subject", name="uq_revocations_kind_subject"),
     )
+    op.create_index("ix_jobs_user_status", "jobs", ["user_id", "status"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_jobs_user_status", table_name="jobs")
     op.drop_table("revocations")
