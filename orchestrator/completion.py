@@ -315,7 +315,7 @@ def cancel_job(db: Database, user_id: str, job_id: str) -> Job:
 
     Raises:
         NotFound: no such job of this user.
-        Conflict: the job already ended.
+        Conflict: the job already completed or failed (a cancelled one is answered again).
     """
     owner = None
     job_id = canonical_uuid(job_id)  # type: ignore[assignment]

@@ -10,6 +10,7 @@ from typing import Iterator
 import pytest
 import requests
 
+from orchestrator.config import DEV_JWT_SECRET, DEV_WORKER_TOKEN
 from orchestrator.jobtypes import JOB_TYPES
 from tests.helpers import mp4_info, png_info
 from tests.stack import Stack, make_stack
@@ -72,6 +73,22 @@ def test_all_ten_job_types_complete(stack: Stack) -> None:
             assert row["image_url"] == job["assets"][0]["path"]
     me = requests.get(f"{stack.base_url}/v1/me", headers=headers, timeout=10).json()
     assert me["token_balance"] == 100 - sum(t.credits for t in JOB_TYPES.values())
+    _assert_logs_keep_secrets(stack, headers, jobs)
+
+
+def _assert_logs_keep_secrets(stack: Stack, headers: dict[str, str], jobs: dict) -> None:
+    """The access log names each request, but no token, secret or signed-link signature."""
+    from urllib.parse import parse_qs, urlsplit
+
+    logs = {name: (stack.logs / f"{name}.log").read_text(errors="replace") for name in stack.processes}
+    assert "/functions/v1/queue-job" in logs["web"] and "/v1/files/" in logs["web"]
+    secrets = {headers["Authorization"].split()[1], stack.env.get("WORKER_TOKEN") or DEV_WORKER_TOKEN,
+               stack.env.get("JWT_SECRET") or DEV_JWT_SECRET}
+    secrets |= {parse_qs(urlsplit(a["url"]).query)["sig"][0]
+                for job in jobs.values() for a in job["assets"]}
+    for name, text in logs.items():
+        for secret in secrets:
+            assert secret not in text, f"a secret appears in the {name} log"
 
 
 def test_admin_image_is_generated_for_admins_only(stack: Stack) -> None:

@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import logging
-import re
-import uuid
-from typing import Any
 
-from flask import Flask, g, request
+from flask import Flask
 
 from orchestrator.config import Settings, get_settings
 from orchestrator.db import Database
@@ -16,7 +13,6 @@ from orchestrator.storage import LocalStorage, UrlSigner
 from web.services import Publisher, Services, signing_key
 
 MAX_BODY_BYTES = 1024 * 1024
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def create_app(settings: Settings | None = None, *, publisher: Publisher | None = None) -> Flask:
@@ -45,25 +41,15 @@ def create_app(settings: Settings | None = None, *, publisher: Publisher | None 
         revocations=RevocationList(database, settings.revocation_refresh_seconds),
     )
 
-    from web import api, auth, errors, files, functions, health, openapi, workers
+    from web import api, auth, errors, files, functions, health, limits, openapi, security, workers
 
     errors.init_app(app)
     auth.init_app(app)
+    limits.init_app(app)
     for module in (functions, api, files, health, openapi):
         app.register_blueprint(module.bp)
     workers.init_app(app)
-
-    @app.before_request
-    def _request_id() -> None:
-        given = request.headers.get("X-Request-Id", "")
-        g.request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-
-    @app.after_request
-    def _headers(response: Any) -> Any:
-        response.headers["X-Request-Id"] = g.get("request_id", "")
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        return response
+    security.init_app(app)
 
     logging.getLogger(__name__).info("web app ready (database %s)", settings.database_url.split(":")[0])
     return app

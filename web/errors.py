@@ -8,12 +8,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, g, jsonify
+from flask import Flask, g, jsonify, request
 from pydantic import ValidationError
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from werkzeug.exceptions import HTTPException
 
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import OrchestratorError, RateLimited
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,13 @@ def validation_details(exc: ValidationError) -> list[dict[str, Any]]:
 def init_app(app: Flask) -> None:
     @app.errorhandler(OrchestratorError)
     def _domain(exc: OrchestratorError):  # type: ignore[no-untyped-def]
-        return error_response(exc.status, exc.message, exc.code, exc.details)
+        # The path only: a query string may carry a link signature or a misplaced token.
+        log.info("%s %s refused %s %s: %s (request %s)", request.method, request.path,
+                 exc.status, exc.code, exc.message, g.get("request_id"))
+        response, status = error_response(exc.status, exc.message, exc.code, exc.details)
+        if isinstance(exc, RateLimited):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response, status
 
     @app.errorhandler(ValidationError)
     def _invalid(exc: ValidationError):  # type: ignore[no-untyped-def]
