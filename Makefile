@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 PORT   ?= 8000
 export PORT
 
-.PHONY: run test venv migrate clean
+.PHONY: run test venv migrate demo clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,9 +23,21 @@ migrate: venv
 run: migrate
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho -f Procfile start -p $(PORT) web worker_sdxl worker_wan worker_maintenance beat
 
+## chromium: the console's browser test drives Debian's chromium (never a downloaded browser).
+CHROMIUM ?= /usr/bin/chromium
+$(CHROMIUM):
+	@echo "installing chromium for tests/test_console.py (apt-get; needs root)"
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium \
+	  || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
+
 ## test: the whole suite (needs PostgreSQL and Redis on 127.0.0.1; .ci/run starts them).
-test: venv
+test: venv $(CHROMIUM)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## demo: against a running service on $(PORT): a fresh user submits every job type
+## (DEMO_ARGS, e.g. "--per-type 1 --types video_fast"), one progress bar per job, then the links.
+demo: venv
+	$(BIN)/python examples/demo.py --url http://127.0.0.1:$(PORT) $(DEMO_ARGS)
 
 clean:
 	rm -rf var test-artifacts .pytest_cache

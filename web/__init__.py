@@ -46,7 +46,9 @@ def create_app(settings: Settings | None = None, *, publisher: Publisher | None 
     errors.init_app(app)
     auth.init_app(app)
     limits.init_app(app)
-    for module in (functions, api, files, health, openapi):
+    from web import console
+
+    for module in (functions, api, files, health, openapi, console):
         app.register_blueprint(module.bp)
     workers.init_app(app)
     security.init_app(app)
