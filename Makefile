@@ -20,8 +20,9 @@ migrate: venv
 	$(BIN)/orchestrator db upgrade
 
 ## run: web on $(PORT) + an sdxl worker + a wan worker + beat, on SQLite under ./var/. Ctrl-C stops all.
+## Logs are text for the human at the terminal (LOG_FORMAT=json for JSON lines).
 run: migrate
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho -f Procfile start -p $(PORT) web worker_sdxl worker_wan worker_maintenance beat
+	LOG_FORMAT="$${LOG_FORMAT:-text}" PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho -f Procfile start -p $(PORT) web worker_sdxl worker_wan worker_maintenance beat
 
 ## chromium: the console's browser test drives Debian's chromium (never a downloaded browser).
 CHROMIUM ?= /usr/bin/chromium

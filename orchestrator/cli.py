@@ -167,6 +167,8 @@ def show_config() -> None:
     for name, value in sorted(vars(s).items()):
         if name in masked:
             value = "(development default)" if masked[name] in s.dev_secrets else "(set)"
+        elif name == "metrics_token" and value:
+            value = "(set)"
         click.echo(f"{name} = {value}")
 
 

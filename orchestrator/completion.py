@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from orchestrator import credits, events
+from orchestrator import credits, events, metrics
 from orchestrator.db import Database
 from orchestrator.errors import Conflict, NotFound
 from orchestrator.models import Image, Job, Video, utcnow
@@ -130,8 +130,11 @@ def start_job(db: Database, job_id: str, *, worker: str, lease_seconds: int) -> 
                    lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
         if job is not None:
             _emit(session, job, _sync_asset(session, job))
-            return job
-        current = session.get(Job, job_id)
+        else:
+            current = session.get(Job, job_id)
+    if job is not None:
+        metrics.job_started(job, now)  # committed, and this claim won
+        return job
     if current is not None and current.attempts >= current.max_attempts and (
             current.status == JobStatus.QUEUED.value
             or (current.status == JobStatus.PROCESSING.value
@@ -191,11 +194,14 @@ def report_processing(db: Database, job_id: str, *, worker: str, lease_seconds: 
                    lease_expires_at=lease, error_message=None)
         if job is not None:
             _emit(session, job, _sync_asset(session, job))
-            return Transition(job, True)
-        job = _cas(session, job_id, (JobStatus.PROCESSING.value,), attempt, lease_expires_at=lease)
-        if job is not None:
-            return Transition(job, False)
-        return Transition(_load(session, job_id), False)
+            result = Transition(job, True)
+        else:
+            job = _cas(session, job_id, (JobStatus.PROCESSING.value,), attempt,
+                       lease_expires_at=lease)
+            result = Transition(job if job is not None else _load(session, job_id), False)
+    if result.changed:
+        metrics.job_started(result.job, now)  # committed, and this claim won
+    return result
 
 
 def record_progress(db: Database, job_id: str, attempt: int, progress: int, *,
@@ -268,7 +274,10 @@ def finish_job(db: Database, job_id: str, outcome: Outcome, *, guards: tuple[Any
             credits.refund(session, user_id=job.user_id, job_id=job.id, amount=job.credits,
                            charge_no=job.charges)
         _emit(session, job, _sync_asset(session, job, outcome))
-        return Transition(job, True)
+    # Committed, and only the transaction whose guard let it through gets here:
+    # the one place a job's end is counted.
+    metrics.job_finished(job)
+    return Transition(job, True)
 
 
 def release(db: Database, job_id: str) -> bool:

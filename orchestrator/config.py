@@ -102,6 +102,10 @@ class Settings:
     submit_rate_limit: str = "30/minute;5/second"
     #: Most queued+processing jobs one user may have (0: no cap).
     max_active_jobs: int = 20
+    #: ``json`` (one object per line, the default) or ``text`` (for humans; ``make run``).
+    log_format: str = "json"
+    #: When set, ``GET /metrics`` wants ``Authorization: Bearer <METRICS_TOKEN>``.
+    metrics_token: str | None = None
     dev_secrets: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
@@ -160,6 +164,8 @@ class Settings:
             revocation_refresh_seconds=_float(env, "REVOCATION_REFRESH_SECONDS", 2.0),
             submit_rate_limit=env.get("SUBMIT_RATE_LIMIT", "30/minute;5/second").strip(),
             max_active_jobs=_int(env, "MAX_ACTIVE_JOBS", 20),
+            log_format=(env.get("LOG_FORMAT") or "json").strip().lower(),
+            metrics_token=env.get("METRICS_TOKEN") or None,
             dev_secrets=dev,
         )
         if settings.faults and mode == "production":
@@ -174,6 +180,8 @@ class Settings:
             raise ConfigurationError("GENERATION_TIME_SCALE must be >= 0")
         if settings.max_attempts < 1:
             raise ConfigurationError("MAX_ATTEMPTS must be >= 1")
+        if settings.log_format not in ("json", "text"):
+            raise ConfigurationError(f"LOG_FORMAT must be json or text, got {settings.log_format!r}")
         if settings.max_active_jobs < 0:
             raise ConfigurationError("MAX_ACTIVE_JOBS must be >= 0 (0: no cap)")
         _check_rate_limit(settings.submit_rate_limit)
@@ -186,6 +194,14 @@ class Settings:
     def warn_dev_secrets(self) -> None:
         """Say loudly, once per process, which secrets are development defaults."""
         if not self.dev_secrets:
+            return
+        if self.log_format == "json":  # one line a log collector can parse, like every other
+            from orchestrator.logs import json_line
+
+            print(json_line("WARNING", __name__, (
+                f"DEVELOPMENT SECRETS IN USE: {', '.join(self.dev_secrets)}; anyone who reads the "
+                "source can mint tokens for this service; set them (and "
+                "ORCHESTRATOR_ENV=production) before exposing it")), file=sys.stderr, flush=True)
             return
         banner = (
             "\n" + "!" * 72 + "\n"

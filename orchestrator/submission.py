@@ -15,7 +15,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from orchestrator import credits, events, idempotency
+from orchestrator import credits, events, idempotency, metrics
 from orchestrator.db import Database
 from orchestrator.errors import Conflict, InvalidRequest, NotFound
 from orchestrator.idempotency import KeyedRequest, StoredAnswer
@@ -248,6 +248,7 @@ def submit_job(db: Database, user_id: str, req: SubmitRequest, *, max_attempts: 
             except IntegrityError as e:
                 raise DuplicateKey("A request with this Idempotency-Key was just accepted") from e
             submitted = replace(submitted, answer=StoredAnswer(status, body))
+    metrics.job_created(spec.name)  # committed: the one place a submission is counted
     return submitted
 
 
@@ -305,5 +306,7 @@ def retry_job(db: Database, user_id: str, job_id: str, *, max_attempts: int,
         events.append(session, *evs)
         session.flush()
         spec = JOB_TYPES[job.job_type]
-        return Submitted(job=job, spec=spec, queue_length=queue_length(session, job.family),
-                         balance=balance)
+        submitted = Submitted(job=job, spec=spec, queue_length=queue_length(session, job.family),
+                              balance=balance)
+    metrics.job_created(spec.name)  # committed: a retry is a new run
+    return submitted

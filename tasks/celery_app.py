@@ -11,6 +11,7 @@ from typing import Any
 from celery import Celery
 
 from orchestrator.config import get_settings
+from tasks import logs as _logs  # noqa: F401 - its logging signals must be connected before a worker starts
 from tasks.config import celery_config
 
 celery_app = Celery("orchestrator", include=["tasks.generation", "tasks.signals", "tasks.maintenance"])

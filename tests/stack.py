@@ -188,6 +188,12 @@ class Stack:
                 return requests.get(f"{self.base_url}/healthz", timeout=1).ok
             except requests.RequestException:
                 return False
+        if name == "flower":
+            try:
+                return requests.get(f"http://127.0.0.1:{self.env['FLOWER_PORT']}/healthcheck",
+                                    timeout=1).ok
+            except requests.RequestException:
+                return False
         text = (self.logs / f"{name}.log").read_bytes().rsplit(b"=== start", 1)[-1]
         if name == "beat":
             return b"beat: Starting" in text

@@ -43,6 +43,10 @@ def create_app(settings: Settings | None = None, *, publisher: Publisher | None 
 
     from web import api, auth, errors, files, functions, health, limits, openapi, security, workers
 
+    from web import logs, metrics
+
+    logs.init_app(app)
+    metrics.init_app(app)
     errors.init_app(app)
     auth.init_app(app)
     limits.init_app(app)

@@ -67,6 +67,7 @@ def submit_and_publish(user_id: str, req: SubmitRequest, answer: Answer) -> Any:
                                key=key, answer=answer)
     except DuplicateKey:
         return idempotent.replay_after_race(key)
+    g.job_id = submitted.job.id  # on this request's log lines
     publish_committed(submitted.job, req.metadata)
     if submitted.answer is not None:
         return jsonify(submitted.answer.body), submitted.answer.status
@@ -135,6 +136,7 @@ def job_callback() -> Any:
 def _apply_callback() -> tuple[int, dict[str, Any]]:
     svc = services()
     report = parse_callback(svc.storage, svc.db, parse_object())
+    g.job_id = report.job_id  # on this request's log lines
     if report.family in svc.settings.external_families:
         result = external.apply_callback(svc.db, svc.settings, report)
     elif report.status is JobStatus.PROCESSING:
@@ -143,6 +145,10 @@ def _apply_callback() -> tuple[int, dict[str, Any]]:
     else:
         result = completion.finish_job(svc.db, report.job_id, report.outcome)
     job = result.job
+    # For orchestrator_callbacks_total: a renewed lease applies too; a late report changes nothing.
+    g.callback_outcome = "applied" if result.changed or (
+        report.status is JobStatus.PROCESSING and job.status == JobStatus.PROCESSING.value
+    ) else "ignored"
     # No timestamps or signed URLs: an identical retry answers exactly as the first did.
     return 200, {"success": True, "jobId": job.id, "status": job.status,
                  "attempts": job.attempts, "error_message": job.error_message}

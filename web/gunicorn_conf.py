@@ -1,0 +1,50 @@
+"""gunicorn settings of the Procfile's ``web`` (``gunicorn -c web/gunicorn_conf.py``).
+
+- Logs: gunicorn's own and access lines, and the app's, in ``LOG_FORMAT``
+  (``orchestrator.logs``); JSON access lines carry method, path (never the
+  query string), status, duration and the request id as fields.
+- Metrics: the master clears the files of dead processes from
+  ``PROMETHEUS_MULTIPROC_DIR`` once, before any worker starts (values of an
+  earlier run go; a Celery worker that started first keeps its open file),
+  and tells prometheus_client when a worker exits.
+
+Everything else (bind, workers, threads) stays on the Procfile's command line.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from gunicorn.glogging import Logger as _GunicornLogger
+
+from orchestrator import logs, metrics
+from orchestrator.config import Settings
+from web.logs import access_context
+
+_log_format = Settings.from_env().log_format
+
+
+class Logger(_GunicornLogger):
+    """gunicorn's logger, its handlers formatted as ours when ``LOG_FORMAT=json``."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        if _log_format == "json":
+            for log in (self.error_log, self.access_log):
+                logs.reformat(log, "json")
+
+
+logger_class = Logger
+
+
+def on_starting(server: Any) -> None:
+    logs.add_context(access_context)
+    logs.configure(_log_format, logging.INFO)
+    directory = metrics.multiprocess_dir()
+    if directory is not None:
+        removed = metrics.clear_stale(directory)
+        server.log.info("metrics directory %s ready (%d stale files removed)", directory, removed)
+
+
+def child_exit(_server: Any, worker: Any) -> None:
+    metrics.mark_process_dead(worker.pid)
