@@ -102,6 +102,10 @@ class Settings:
     submit_rate_limit: str = "30/minute;5/second"
     #: Most queued+processing jobs one user may have (0: no cap).
     max_active_jobs: int = 20
+    #: Server-Sent Events: idle heartbeat, streams per web process, a stream's lifetime.
+    sse_heartbeat_seconds: float = 15.0
+    sse_max_streams: int = 48
+    sse_max_seconds: float = 900.0
     #: ``json`` (one object per line, the default) or ``text`` (for humans; ``make run``).
     log_format: str = "json"
     #: When set, ``GET /metrics`` wants ``Authorization: Bearer <METRICS_TOKEN>``.
@@ -164,6 +168,9 @@ class Settings:
             revocation_refresh_seconds=_float(env, "REVOCATION_REFRESH_SECONDS", 2.0),
             submit_rate_limit=env.get("SUBMIT_RATE_LIMIT", "30/minute;5/second").strip(),
             max_active_jobs=_int(env, "MAX_ACTIVE_JOBS", 20),
+            sse_heartbeat_seconds=_float(env, "SSE_HEARTBEAT_SECONDS", 15.0),
+            sse_max_streams=_int(env, "SSE_MAX_STREAMS", 48),
+            sse_max_seconds=_float(env, "SSE_MAX_SECONDS", 900.0),
             log_format=(env.get("LOG_FORMAT") or "json").strip().lower(),
             metrics_token=env.get("METRICS_TOKEN") or None,
             dev_secrets=dev,
@@ -180,6 +187,8 @@ class Settings:
             raise ConfigurationError("GENERATION_TIME_SCALE must be >= 0")
         if settings.max_attempts < 1:
             raise ConfigurationError("MAX_ATTEMPTS must be >= 1")
+        if settings.sse_heartbeat_seconds <= 0 or settings.sse_max_streams < 1:
+            raise ConfigurationError("SSE_HEARTBEAT_SECONDS must be > 0 and SSE_MAX_STREAMS >= 1")
         if settings.log_format not in ("json", "text"):
             raise ConfigurationError(f"LOG_FORMAT must be json or text, got {settings.log_format!r}")
         if settings.max_active_jobs < 0:

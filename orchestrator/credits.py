@@ -6,10 +6,13 @@ charge impossible even if two writers raced past every other guard.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from orchestrator import events
 from orchestrator.errors import InsufficientCredits, RateLimited
 from orchestrator.models import CreditEntry, Job, Profile, utcnow
 from orchestrator.status import JobStatus
@@ -42,10 +45,14 @@ def _debit_counting_active(session: Session, user_id: str, amount: int) -> tuple
     """Debit and count the user's queued+processing jobs in the same statement."""
     active = (select(func.count()).select_from(Job)
               .where(Job.user_id == user_id, Job.status.in_(_ACTIVE)).scalar_subquery())
+    columns: list[Any] = [Profile.token_balance, active]
+    notify = events.announce_in(session, user_id)  # the job's events follow in this transaction
+    if notify is not None:
+        columns.append(notify)
     row = session.execute(
         update(Profile).where(Profile.id == user_id, Profile.token_balance >= amount)
         .values(token_balance=Profile.token_balance - amount, updated_at=utcnow())
-        .returning(Profile.token_balance, active)).one_or_none()
+        .returning(*columns)).one_or_none()
     return None if row is None else (row[0], row[1])
 
 

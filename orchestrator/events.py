@@ -2,15 +2,34 @@
 
 Events are appended in the same transaction as the change they describe, so
 the log never says something the tables do not (and vice versa).
+
+Per user, event ids follow commit order, so a reader resuming "after id N"
+never skips an event that committed late: on PostgreSQL every transaction
+that appends a user's events first locks that user's profile row (writers of
+one user's events take turns; ids are drawn after the lock), and the same
+statement queues a ``NOTIFY`` delivered at commit (push, and nothing announced
+that did not commit). SQLite has a single writer at a time, so there the
+order holds anyway; with ``REDIS_URL`` the users are announced on Redis after
+commit (see :func:`set_publisher`), and otherwise readers poll.
 """
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Callable
 
+from sqlalchemy import String, cast, event, func, select, text
 from sqlalchemy.orm import Session
 
-from orchestrator.models import Image, Job, JobEvent, Video, utcnow
-from orchestrator.records import image_row, job_row, video_row
+from orchestrator.models import Image, Job, JobEvent, Profile, Video, utcnow
+from orchestrator.records import image_row, iso, job_row, video_row
+
+log = logging.getLogger(__name__)
+
+#: The PostgreSQL NOTIFY channel and Redis pub/sub channel of new events (payload: user id).
+CHANNEL = "orchestrator_events"
+_LOCK_AND_NOTIFY = text("SELECT pg_notify(:channel, CAST(id AS text)) FROM profiles "
+                        "WHERE id = :user_id FOR UPDATE")
+_publisher: Callable[[set[str]], None] | None = None
 
 
 def job_event(job: Job, kind: str | None = None) -> JobEvent:
@@ -27,7 +46,75 @@ def asset_event(asset: Image | Video, job_id: str | None) -> JobEvent:
 
 
 def append(session: Session, *events: JobEvent) -> None:
+    users = {e.user_id for e in events}
+    announced: set[str] = session.info.setdefault("event_users", set())
+    if session.get_bind().dialect.name == "postgresql":
+        for user_id in sorted(users - announced):  # sorted: two users' locks in one order
+            session.execute(_LOCK_AND_NOTIFY, {"channel": CHANNEL, "user_id": user_id})
+    announced |= users
     session.add_all(events)
+
+
+def announce_in(session: Session, user_id: str) -> Any | None:
+    """For a statement that already locks the user's profile row (the charge's UPDATE):
+    a column that queues the user's NOTIFY, so :func:`append` needs no statement of its
+    own. None off PostgreSQL. Call only in a transaction that appends events."""
+    if session.get_bind().dialect.name != "postgresql":
+        return None
+    session.info.setdefault("event_users", set()).add(user_id)
+    return func.pg_notify(CHANNEL, cast(Profile.id, String))
+
+
+def set_publisher(publish: Callable[[set[str]], None] | None) -> None:
+    """Announce users with new events after each commit (Redis pub/sub on SQLite)."""
+    global _publisher
+    _publisher = publish
+
+
+def configure_push(database_url: str, redis_url: str | None) -> None:
+    """Each writing process calls this once: on SQLite with Redis, announce on Redis.
+    (PostgreSQL announces inside the transaction; without either, readers poll.)"""
+    if redis_url and not database_url.startswith("postgresql"):
+        import redis
+
+        client = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1)
+
+        def publish(users: set[str]) -> None:
+            for user_id in users:
+                client.publish(CHANNEL, user_id)
+
+        set_publisher(publish)
+
+
+@event.listens_for(Session, "after_commit")
+def _announce(session: Session) -> None:
+    users = session.info.pop("event_users", None)
+    if users and _publisher is not None and session.get_bind().dialect.name != "postgresql":
+        try:
+            _publisher(users)
+        except Exception as e:  # noqa: BLE001 - readers also poll now and then; never fail a commit
+            log.warning("event announcement failed (%s)", type(e).__name__)
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget(session: Session) -> None:
+    session.info.pop("event_users", None)
+
+
+def since(session: Session, user_id: str, after: int, *, job_id: str | None = None,
+          limit: int = 500) -> list[JobEvent]:
+    """The user's events (or one job's) with id > ``after``, oldest first."""
+    stmt = select(JobEvent).where(JobEvent.user_id == user_id, JobEvent.id > after)
+    if job_id is not None:
+        stmt = stmt.where(JobEvent.job_id == job_id)
+    return list(session.execute(stmt.order_by(JobEvent.id).limit(limit)).scalars())
+
+
+def wire(e: JobEvent) -> dict[str, Any]:
+    """An event as streams and the CLI show it."""
+    return {"id": e.id, "type": e.type, "entity": e.entity, "entity_id": e.entity_id,
+            "job_id": e.job_id, "payload": e.payload,
+            "created_at": iso(e.created_at)}
 
 
 def payloads(session: Session, job_id: str) -> list[dict[str, Any]]:

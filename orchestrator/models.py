@@ -252,3 +252,16 @@ class Revocation(Base):
     #: For ``user``: tokens issued (``iat``) at or before this moment are refused.
     revoked_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     reason: Mapped[str | None] = mapped_column(String(200))
+
+
+class WorkerHeartbeat(Base):
+    """A worker seen recently: Celery workers beat every few seconds; external
+    workers are seen when they lease a job. Feeds ``workers seen`` and ETAs."""
+
+    __tablename__ = "worker_heartbeats"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    family: Mapped[str] = mapped_column(String(16))
+    #: Jobs this worker runs at once (its pool size).
+    concurrency: Mapped[int] = mapped_column(Integer, default=1)
+    last_seen: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -14,7 +14,7 @@ from orchestrator.config import get_settings
 from tasks import logs as _logs  # noqa: F401 - its logging signals must be connected before a worker starts
 from tasks.config import celery_config
 
-celery_app = Celery("orchestrator", include=["tasks.generation", "tasks.signals", "tasks.maintenance"])
+celery_app = Celery("orchestrator", include=["tasks.generation", "tasks.signals", "tasks.heartbeat", "tasks.maintenance"])
 
 
 @celery_app.on_configure.connect

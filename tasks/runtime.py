@@ -7,6 +7,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from orchestrator import events
 from orchestrator.config import Settings, get_settings
 from orchestrator.db import Database
 from orchestrator.enhancer import PromptEnhancer, get_enhancer
@@ -44,6 +45,7 @@ def runtime() -> Runtime:
     global _runtime
     if _runtime is None:
         settings = get_settings()
+        events.configure_push(settings.database_url, settings.redis_url)
         _runtime = Runtime(
             settings=settings,
             db=Database(settings.database_url),

@@ -25,7 +25,7 @@ from schemathesis.transport.wsgi import WSGITransport
 from orchestrator import credits, queries
 from orchestrator.config import Settings
 from orchestrator.db import Database
-from orchestrator.records import asset_record, image_row, job_record, video_row
+from orchestrator.records import asset_record, image_row, video_row
 from orchestrator.tokens import mint_user_token
 from tests.conftest import TEST_REDIS_URL, wipe
 from tests.helpers import submit
@@ -51,6 +51,9 @@ def api_settings(database_url: str, tmp_path: Path) -> Settings:
         # Thousands of requests from one user: limits would turn most answers into 429s.
         "SUBMIT_RATE_LIMIT": "",
         "MAX_ACTIVE_JOBS": "0",
+        # Event streams end after this long (clients reconnect): schemathesis reads them whole.
+        "SSE_MAX_SECONDS": "0.3",
+        "SSE_HEARTBEAT_SECONDS": "0.1",
     })
 
 
@@ -148,8 +151,10 @@ def test_records_match_their_answer_models(api: Any, api_settings: Settings) -> 
     def url(bucket: str, path: str) -> str:
         return f"http://x/{bucket}/{path}"
 
-    record = job_record(image_job, url)
+    with api.test_request_context():  # what the API answers: the record, placed in its queue
+        record = api.extensions["orchestrator"].job_answer(image_job)
     assert set(record) == set(schemas.JobRecord.model_fields)
+    assert record["queue_position"] == 1
     schemas.JobRecord.model_validate(record)
     image = queries.get_image(db, user_id, image_job.image_id)
     video = queries.get_video(db, user_id, video_job.video_id)

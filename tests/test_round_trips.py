@@ -7,7 +7,8 @@ from typing import Any
 from sqlalchemy import event
 
 # Round trips per request for a returning user (profile exists), statements
-# plus COMMITs: debit (UPDATE … RETURNING), INSERT image, INSERT job, INSERT
+# plus COMMITs: debit (UPDATE … RETURNING the balance, the user's active jobs and,
+# on PostgreSQL, the NOTIFY of the job's events), INSERT image, INSERT job, INSERT
 # ledger, INSERT events (one statement on PostgreSQL, one per row on
 # SQLite), SELECT queue length, COMMIT;
 # after publishing: UPDATE dispatched_at, COMMIT. SQLite also sends its

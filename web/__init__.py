@@ -8,6 +8,7 @@ from flask import Flask
 from orchestrator.config import Settings, get_settings
 from orchestrator.db import Database
 from orchestrator.jobtypes import BUCKETS
+from orchestrator.queues import Estimates
 from orchestrator.revocation import RevocationList
 from orchestrator.storage import LocalStorage, UrlSigner
 from web.services import Publisher, Services, signing_key
@@ -39,9 +40,11 @@ def create_app(settings: Settings | None = None, *, publisher: Publisher | None 
         signer=UrlSigner(signing_key(settings), ttl_seconds=settings.url_ttl_seconds),
         publish=publisher,
         revocations=RevocationList(database, settings.revocation_refresh_seconds),
+        estimates=Estimates(database),
     )
 
-    from web import api, auth, errors, files, functions, health, limits, openapi, security, workers
+    from web import (api, auth, errors, files, functions, health, limits, live, openapi, security,
+                     workers)
 
     from web import logs, metrics
 
@@ -55,6 +58,7 @@ def create_app(settings: Settings | None = None, *, publisher: Publisher | None 
     for module in (functions, api, files, health, openapi, console):
         app.register_blueprint(module.bp)
     workers.init_app(app)
+    live.init_app(app)
     security.init_app(app)
 
     logging.getLogger(__name__).info("web app ready (database %s)", settings.database_url.split(":")[0])

@@ -6,7 +6,7 @@ from typing import Any
 from flask import Blueprint, g, jsonify
 
 from orchestrator import completion, queries, submission
-from orchestrator.records import asset_record, image_row, job_record, video_row
+from orchestrator.records import asset_record, image_row, video_row
 from orchestrator.submission import Submitted
 from web.auth import user_required
 from web.limits import submission_limit
@@ -28,11 +28,13 @@ _JOB_LINKS = {
 
 
 def _job(job: Any) -> dict[str, Any]:
-    return job_record(job, services().url_for_asset)
+    return services().job_answer(job)
 
 
 def _created_answer(submitted: Submitted) -> tuple[int, dict[str, Any]]:
-    return 201, {"job": _job(submitted.job), "queue_length": submitted.queue_length,
+    # A new job is the last of its queue: its position is the queue's length.
+    return 201, {"job": services().job_answer(submitted.job, submitted.queue_length),
+                 "queue_length": submitted.queue_length,
                  "token_balance": submitted.balance}
 
 
@@ -56,7 +58,7 @@ def list_jobs() -> Any:
     jobs, cursor = queries.list_jobs(
         services().db, g.user_id, status=query.status, job_type=query.job_type,
         limit=query.limit, cursor=query.cursor)
-    return jsonify({"jobs": [_job(j) for j in jobs], "next_cursor": cursor})
+    return jsonify({"jobs": services().job_answers(jobs), "next_cursor": cursor})
 
 
 @bp.get("/jobs/<job_id>")
@@ -93,7 +95,9 @@ def retry_job(job_id: str) -> Any:
                                          max_attempts=svc.settings.max_attempts,
                                          max_active=svc.settings.max_active_jobs)
         publish_committed(submitted.job)
-        return 200, {"job": _job(submitted.job), "queue_length": submitted.queue_length,
+        # Requeued now: last in its queue.
+        return 200, {"job": svc.job_answer(submitted.job, submitted.queue_length),
+                     "queue_length": submitted.queue_length,
                      "token_balance": submitted.balance}
 
     return keyed_write(g.user_id, run)

@@ -11,7 +11,7 @@ from sqlalchemy.exc import DBAPIError
 
 from orchestrator import completion, external, faults, idempotency, queries
 from orchestrator.callbacks import CallbackBody, parse_callback
-from orchestrator.records import iso, job_record
+from orchestrator.records import iso
 from orchestrator.status import JobStatus
 from orchestrator.submission import Answer, DuplicateKey, SubmitRequest, Submitted, submit_job
 from web import idempotent
@@ -80,7 +80,7 @@ def queue_job_answer(submitted: Submitted) -> tuple[int, dict[str, Any]]:
     spec, svc = submitted.spec, services()
     return 200, {
         "success": True,
-        "job": job_record(submitted.job, svc.url_for_asset),
+        "job": svc.job_answer(submitted.job, submitted.queue_length),
         "message": f"{spec.name} job queued",
         "queueLength": submitted.queue_length,
         "modelVariant": spec.model_variant,

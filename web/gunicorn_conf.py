@@ -48,3 +48,19 @@ def on_starting(server: Any) -> None:
 
 def child_exit(_server: Any, worker: Any) -> None:
     metrics.mark_process_dead(worker.pid)
+
+
+def post_worker_init(worker: Any) -> None:
+    """On SIGTERM/SIGQUIT, end this worker's event streams first: otherwise each open
+    stream holds the graceful shutdown for up to its whole lifetime (clients reconnect
+    with ``Last-Event-ID`` to another worker)."""
+    import signal
+
+    from web import live
+
+    for sig, handler in ((signal.SIGTERM, worker.handle_exit), (signal.SIGQUIT, worker.handle_quit)):
+        def ending(signum: int, frame: Any, _then: Any = handler) -> None:
+            live.close_streams()
+            _then(signum, frame)
+
+        signal.signal(sig, ending)

@@ -184,6 +184,12 @@ def _ascii_digits(value: Any) -> Any:
     return value
 
 
+def _event_id(value: Any) -> Any:
+    if isinstance(value, str) and not re.fullmatch(r"[0-9]{1,17}", value):
+        raise ValueError("must be a non-negative integer")
+    return value
+
+
 def _empty_is_none(value: Any) -> Any:
     return None if value == "" else value
 
@@ -205,6 +211,24 @@ class ListJobsQuery(BaseModel):
     @classmethod
     def from_request(cls) -> "ListJobsQuery":
         return cls.model_validate(request.args.to_dict())
+
+
+class EventsQuery(BaseModel):
+    """Query string of the event streams."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    since: Annotated[int, BeforeValidator(_event_id)] = Field(
+        default=0, ge=0, le=10**17 - 1, description=(
+            "Resume after this event id (as `Last-Event-ID`, which wins when both are given)"))
+
+    @classmethod
+    def from_request(cls) -> "EventsQuery":
+        return cls.model_validate(request.args.to_dict())
+
+
+LastEventId = Annotated[str, Field(pattern=r"^[0-9]{1,17}$", description=(
+    "The id of the last event received: the stream resumes after it, nothing lost or repeated"))]
 
 
 IdempotencyKey = Annotated[str, Field(
@@ -318,6 +342,10 @@ class JobRecord(_Answer):
     updated_at: Timestamp
     assets: list[AssetLink]
     thumbnail: AssetLink | None
+    queue_position: int | None = Field(ge=1, description=(
+        "1 = next to start in its family's queue; null unless queued"))
+    eta_seconds: float | None = Field(ge=0, description=(
+        "Estimated seconds until done (queued jobs; null while no worker of the family is seen)"))
 
 
 class QueueJobDebug(_Answer):
@@ -526,3 +554,20 @@ class FileQuery(BaseModel):
 
 #: lpush's JSON body: the leased job's JSON, its id, or a list whose first item is one of them.
 LpushBody = LeasedJobJson | LeasedJob | conlist(LeasedJobJson | LeasedJob, min_length=1)
+
+
+class FamilyQueue(_Answer):
+    """One worker family's queue, as operators and the console see it."""
+
+    family: Literal["sdxl", "wan"]
+    depth: int = Field(ge=0, description="Jobs queued (waiting to start)")
+    oldest_wait_seconds: float = Field(ge=0, description="How long the oldest queued job has waited")
+    running: int = Field(ge=0, description="Jobs processing now")
+    workers: int = Field(ge=0, description="Job slots of the workers seen in the last 30 s")
+    completions_per_minute: float = Field(ge=0, description="Completed jobs, last 5 minutes")
+    p50_run_seconds: float | None = Field(ge=0, description="Median run time, last 200 completions")
+    p95_run_seconds: float | None = Field(ge=0, description="95th percentile run time, same sample")
+
+
+class QueuesAnswer(_Answer):
+    queues: list[FamilyQueue]

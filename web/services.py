@@ -4,13 +4,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import quote
 
 from flask import current_app, request
 
 from orchestrator.config import Settings
+from orchestrator import queues
 from orchestrator.db import Database
+from orchestrator.queues import Estimates
+from orchestrator.records import job_record
 from orchestrator.revocation import RevocationList
 from orchestrator.storage import LocalStorage, UrlSigner
 
@@ -25,12 +28,36 @@ class Services:
     signer: UrlSigner
     publish: Publisher
     revocations: RevocationList
+    estimates: Estimates
 
     def url_for_asset(self, bucket: str, path: str) -> str:
         """A signed, expiring download URL (works in ``<img src>``, no header needed)."""
         expires, sig = self.signer.sign(bucket, path)
         base = self.settings.public_url or request.host_url.rstrip("/")
         return f"{base}/v1/files/{quote(bucket)}/{quote(path)}?expires={expires}&sig={sig}"
+
+
+    def job_answer(self, job: Any, position: int | None = None) -> dict[str, Any]:
+        """A job record with signed URLs, and ``queue_position``/``eta_seconds`` when queued.
+
+        ``position``: known by the caller (a new job is last in its queue); else looked up.
+        """
+        if position is None and job.status == queues.QUEUED:
+            return self.job_answers([job])[0]
+        record = job_record(job, self.url_for_asset)
+        self.estimates.annotate([record], {job.id: position} if position else {})
+        return record
+
+    def job_answers(self, jobs: list[Any]) -> list[dict[str, Any]]:
+        """Records of several jobs; one query for the positions of the queued ones."""
+        queued = [j.id for j in jobs if j.status == queues.QUEUED]
+        found: dict[str, int] = {}
+        if queued:
+            with self.db.session() as session:
+                found = queues.positions(session, queued)
+        records = [job_record(j, self.url_for_asset) for j in jobs]
+        self.estimates.annotate(records, found)
+        return records
 
 
 def signing_key(settings: Settings) -> bytes:

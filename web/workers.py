@@ -9,11 +9,12 @@ others the lists look empty (Celery workers take those jobs).
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 
-from orchestrator import completion, external, queries
+from orchestrator import completion, external, queries, queues
 from orchestrator.errors import Conflict, Forbidden, InvalidRequest, NotFound, PayloadTooLarge
 from orchestrator.jobtypes import JOB_TYPES, Family
 from web import openapi
@@ -66,8 +67,20 @@ def rpop(name: str) -> Any:
     if not _served(family):
         return jsonify({"result": None})
     worker = f"external:{request.headers.get('X-Worker-Id', g.worker_auth)[:64]}@{request.remote_addr}"
+    _seen(worker, family)
     job = external.claim_next(services().db, services().settings, family, worker=worker)
     return jsonify({"result": json.dumps(external.legacy_payload(job)) if job else None})
+
+
+_last_beat: dict[str, float] = {}
+
+
+def _seen(worker: str, family: str) -> None:
+    """A polling external worker counts as a live worker (one write per 5 s at most)."""
+    now = time.monotonic()
+    if now - _last_beat.get(worker, float("-inf")) >= queues.WORKER_TTL.total_seconds() / 6:
+        _last_beat[worker] = now
+        queues.beat(services().db, worker, family)
 
 
 @queue_bp.route("/llen/<name>", methods=["GET", "POST"])
