@@ -9,10 +9,11 @@ grant-admin`` does) and the worker token.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import datetime as dt
 import time
 import uuid
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
 
@@ -27,7 +28,7 @@ from orchestrator.config import Settings
 from orchestrator.db import Database
 from orchestrator.records import asset_record, image_row, video_row
 from orchestrator.tokens import mint_user_token
-from tests.conftest import TEST_REDIS_URL, wipe
+from tests.conftest import wipe
 from tests.helpers import submit
 from web import create_app
 from web import schemas
@@ -38,23 +39,16 @@ RUN_BUDGET_S = 60
 
 
 @pytest.fixture
-def api_settings(database_url: str, tmp_path: Path) -> Settings:
-    return Settings.from_env({
-        "DATABASE_URL": database_url,
-        "BROKER_URL": TEST_REDIS_URL,
-        "RESULT_BACKEND": TEST_REDIS_URL,
-        "VAR_DIR": str(tmp_path / "var"),
-        "STORAGE_ROOT": str(tmp_path / "storage"),
+def api_settings(settings: Settings) -> Settings:
+    return dataclasses.replace(
+        settings,
         # Nothing runs the jobs (the publisher below drops them): the admin image waits
         # this long and answers its documented 504.
-        "ADMIN_IMAGE_TIMEOUT": "0.2",
+        admin_image_timeout=0.2,
         # Thousands of requests from one user: limits would turn most answers into 429s.
-        "SUBMIT_RATE_LIMIT": "",
-        "MAX_ACTIVE_JOBS": "0",
+        submit_rate_limit="", max_active_jobs=0,
         # Event streams end after this long (clients reconnect): schemathesis reads them whole.
-        "SSE_MAX_SECONDS": "0.3",
-        "SSE_HEARTBEAT_SECONDS": "0.1",
-    })
+        sse_max_seconds=0.3, sse_heartbeat_seconds=0.1)
 
 
 @pytest.fixture
