@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 PORT   ?= 8000
 export PORT
 
-.PHONY: run test venv migrate demo clean
+.PHONY: run test venv migrate demo bench clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,24 @@ test: venv $(CHROMIUM)
 ## (DEMO_ARGS, e.g. "--per-type 1 --types video_fast"), one progress bar per job, then the links.
 demo: venv
 	$(BIN)/python examples/demo.py --url http://127.0.0.1:$(PORT) $(DEMO_ARGS)
+
+## bench: the benchmark suite (bench/suite.py; a few minutes, not part of `make test`). Starts a
+## private PostgreSQL and Redis, gunicorn and Celery workers on loopback, measures the service
+## against same-run baselines, stops them, and rewrites its section of bench/RESULTS.md
+## (BENCH_ARGS, e.g. "--runs 5 --connections 32"). Needs PostgreSQL and Redis installed.
+WRK ?= $(or $(shell command -v wrk 2>/dev/null),/usr/bin/wrk)
+$(WRK):
+	@echo "installing wrk for make bench (apt-get; needs root)"
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends wrk \
+	  || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends wrk; }
+
+# py-spy profiles the service under load; the bench's only extra package.
+$(BIN)/py-spy: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet py-spy
+	touch $@
+
+bench: venv $(WRK) $(BIN)/py-spy
+	$(BIN)/python -m bench.suite $(BENCH_ARGS)
 
 clean:
 	rm -rf var test-artifacts .pytest_cache
