@@ -110,6 +110,23 @@ class Settings:
     log_format: str = "json"
     #: When set, ``GET /metrics`` wants ``Authorization: Bearer <METRICS_TOKEN>``.
     metrics_token: str | None = None
+    #: Model backends per family (README "GPU workers"); procedural/rules need no weights.
+    sdxl_backend: str = "procedural"
+    sdxl_model_path: Path | None = None
+    wan_backend: str = "procedural"
+    wan_model_path: Path | None = None
+    enhancer_backend: str = "rules"
+    enhancer_model_path: Path | None = None
+    #: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N``.
+    model_device: str = "auto"
+    #: ``auto`` (CUDA: bfloat16 if supported else float16; CPU: float32), or a torch dtype name.
+    model_dtype: str = "auto"
+    #: Bounds on the language-model enhancer: new tokens and wall seconds per prompt.
+    enhancer_max_new_tokens: int = 120
+    enhancer_timeout_seconds: float = 20.0
+    #: Caps every model job's denoising steps (0: the job type's steps). For CPU smoke
+    #: tests and benches of the model backends only; refused in production.
+    model_max_steps: int = 0
     dev_secrets: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
@@ -173,6 +190,17 @@ class Settings:
             sse_max_seconds=_float(env, "SSE_MAX_SECONDS", 900.0),
             log_format=(env.get("LOG_FORMAT") or "json").strip().lower(),
             metrics_token=env.get("METRICS_TOKEN") or None,
+            sdxl_backend=_choice(env, "SDXL_BACKEND", ("procedural", "diffusers")),
+            sdxl_model_path=_model_path(env, "SDXL_MODEL_PATH"),
+            wan_backend=_choice(env, "WAN_BACKEND", ("procedural", "diffusers")),
+            wan_model_path=_model_path(env, "WAN_MODEL_PATH"),
+            enhancer_backend=_choice(env, "ENHANCER_BACKEND", ("rules", "transformers")),
+            enhancer_model_path=_model_path(env, "ENHANCER_MODEL_PATH"),
+            model_device=(env.get("MODEL_DEVICE") or "auto").strip().lower(),
+            model_dtype=(env.get("MODEL_DTYPE") or "auto").strip().lower(),
+            enhancer_max_new_tokens=_int(env, "ENHANCER_MAX_NEW_TOKENS", 120),
+            enhancer_timeout_seconds=_float(env, "ENHANCER_TIMEOUT_SECONDS", 20.0),
+            model_max_steps=_int(env, "MODEL_MAX_STEPS", 0),
             dev_secrets=dev,
         )
         if settings.faults and mode == "production":
@@ -194,6 +222,7 @@ class Settings:
         if settings.max_active_jobs < 0:
             raise ConfigurationError("MAX_ACTIVE_JOBS must be >= 0 (0: no cap)")
         _check_rate_limit(settings.submit_rate_limit)
+        _check_models(settings)
         return settings
 
     @property
@@ -232,6 +261,57 @@ def _check_rate_limit(raw: str) -> None:
     except ValueError:
         raise ConfigurationError(
             f"SUBMIT_RATE_LIMIT must look like '30/minute;5/second', got {raw!r}") from None
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (the first is the default)."""
+    raw = (env.get(name) or choices[0]).strip().lower()
+    if raw not in choices:
+        raise ConfigurationError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
+def _model_path(env: Mapping[str, str], name: str) -> Path | None:
+    """A local weights path: it must exist and be readable (nothing is ever downloaded)."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    path = Path(raw).expanduser()
+    if not path.exists():
+        raise ConfigurationError(f"{name}: {raw!r} does not exist (weights are read from local "
+                                 "paths only, never downloaded)")
+    if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
+        raise ConfigurationError(f"{name}: {raw!r} is not readable")
+    return path
+
+
+def _check_models(settings: Settings) -> None:
+    """A model backend needs its weights; device and dtype must be ones torch knows."""
+    for backend, path, var, default in (
+            (settings.sdxl_backend, settings.sdxl_model_path, "SDXL_MODEL_PATH", "procedural"),
+            (settings.wan_backend, settings.wan_model_path, "WAN_MODEL_PATH", "procedural"),
+            (settings.enhancer_backend, settings.enhancer_model_path, "ENHANCER_MODEL_PATH", "rules")):
+        if backend != default and path is None:
+            raise ConfigurationError(f"{var} must be set when the backend is {backend!r}")
+    if settings.wan_model_path is not None and settings.wan_backend == "diffusers" \
+            and not settings.wan_model_path.is_dir():
+        raise ConfigurationError("WAN_MODEL_PATH must be a diffusers folder (model_index.json)")
+    if settings.enhancer_model_path is not None and settings.enhancer_backend == "transformers" \
+            and not settings.enhancer_model_path.is_dir():
+        raise ConfigurationError("ENHANCER_MODEL_PATH must be a folder (config + tokenizer)")
+    device = settings.model_device
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:")
+                                                       and device[5:].isdigit()):
+        raise ConfigurationError(f"MODEL_DEVICE must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if settings.model_dtype not in ("auto", "float32", "float16", "bfloat16"):
+        raise ConfigurationError("MODEL_DTYPE must be auto, float32, float16 or bfloat16, "
+                                 f"got {settings.model_dtype!r}")
+    if settings.enhancer_max_new_tokens < 1 or settings.enhancer_timeout_seconds <= 0:
+        raise ConfigurationError("ENHANCER_MAX_NEW_TOKENS must be >= 1 and ENHANCER_TIMEOUT_SECONDS > 0")
+    if settings.model_max_steps < 0:
+        raise ConfigurationError("MODEL_MAX_STEPS must be >= 0 (0: the job type's steps)")
+    if settings.model_max_steps and settings.env == "production":
+        raise ConfigurationError("MODEL_MAX_STEPS (a test and bench cap) is refused in production")
 
 
 def _base_path(raw: str) -> str:

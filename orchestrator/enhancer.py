@@ -13,10 +13,16 @@ with :attr:`Enhancement.error` set, and the caller generates from that.
 from __future__ import annotations
 
 import re
+import threading
+import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-__all__ = ["Enhancement", "PromptEnhancer", "RuleBasedEnhancer", "get_enhancer", "MAX_PROMPT_CHARS"]
+if TYPE_CHECKING:
+    from orchestrator.config import Settings
+
+__all__ = ["Enhancement", "PromptEnhancer", "RuleBasedEnhancer", "TransformersEnhancer", "get_enhancer",
+           "MAX_PROMPT_CHARS"]
 
 MAX_PROMPT_CHARS = 1000
 """Enhanced prompts never grow beyond this (text encoders truncate anyway)."""
@@ -171,14 +177,116 @@ def _join(text: str, terms: list[str]) -> str:
     return f"{text}, {listed}"
 
 
+_INSTRUCTION = (
+    "Rewrite the user's prompt for a text-to-{format} model as one detailed, vivid description "
+    "of at most 80 words{extra}. Keep every subject and detail the user asked for; add "
+    "composition, lighting{motion}. Answer with the rewritten prompt only.")
+
+
+class TransformersEnhancer:
+    """A local causal language model rewrites the prompt (``ENHANCER_BACKEND=transformers``).
+
+    Instruction-tuned models get their chat template; base models a plain
+    instruction prompt. Decoding is greedy, bounded by ``max_new_tokens`` and
+    ``timeout`` seconds. The model loads on :meth:`load` (worker start) or
+    first use; any failure keeps the original prompt and says why.
+    """
+
+    name = "transformers"
+
+    def __init__(self, model_path: str, *, device: str = "auto", dtype: str = "auto",
+                 max_new_tokens: int = 120, timeout: float = 20.0) -> None:
+        self.model_path, self.device_setting, self.dtype_setting = str(model_path), device, dtype
+        self.max_new_tokens, self.timeout = max_new_tokens, timeout
+        self.model: object | None = None
+        self.tokenizer: object | None = None
+        self.device = "cpu"
+        self._lock = threading.Lock()
+
+    def load(self) -> dict[str, object]:
+        """Load once (idempotent); returns device, model and parameter count."""
+        with self._lock:
+            if self.model is None:
+                from orchestrator.devices import offline, resolve_device, resolve_dtype
+
+                offline()
+                from transformers import AutoModelForCausalLM, AutoTokenizer
+
+                self.device = resolve_device(self.device_setting)
+                dtype = resolve_dtype(self.dtype_setting, self.device)
+                self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
+                model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype,
+                                                             local_files_only=True)
+                self.model = model.to(self.device).eval()
+            model = self.model
+            from orchestrator.devices import memory_report
+
+            return {"family": "enhancer", "backend": self.name, "model": self.model_path,
+                    "device": self.device, "dtype": str(model.dtype).removeprefix("torch."),  # type: ignore[attr-defined]
+                    "parameters": int(sum(p.numel() for p in model.parameters())),  # type: ignore[attr-defined]
+                    **memory_report(self.device)}
+
+    def _prompt(self, prompt: str, format: str, quality: str) -> str:
+        extra = ", rich in fine detail" if quality == "high" else ""
+        motion = " and the motion of subject and camera" if format == "video" else ""
+        instruction = _INSTRUCTION.format(format=format, extra=extra, motion=motion)
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template(  # type: ignore[attr-defined]
+                [{"role": "system", "content": instruction}, {"role": "user", "content": prompt}],
+                tokenize=False, add_generation_prompt=True)
+        return f"{instruction}\n\nPrompt: {prompt}\nRewritten prompt:"
+
+    def enhance(self, prompt: str, *, format: str, quality: str) -> Enhancement:
+        if format not in _FORMATS:
+            raise ValueError(f"unknown format {format!r}; expected one of {_FORMATS}")
+        if not isinstance(prompt, str) or not prompt.strip():
+            return Enhancement(prompt=prompt, original=prompt, backend=self.name, error="prompt is empty")
+        try:
+            self.load()
+            import torch
+
+            tok, model = self.tokenizer, self.model
+            inputs = tok(self._prompt(prompt, format, quality), return_tensors="pt",  # type: ignore[operator]
+                         add_special_tokens=False).to(self.device)
+            started = time.monotonic()
+            with self._lock, torch.inference_mode():
+                out = model.generate(  # type: ignore[attr-defined]
+                    **inputs, max_new_tokens=self.max_new_tokens, max_time=self.timeout,
+                    do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)  # type: ignore[attr-defined]
+            if time.monotonic() - started > self.timeout * 1.5:
+                raise TimeoutError(f"took longer than {self.timeout:g}s")
+            text = tok.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)  # type: ignore[attr-defined]
+        except Exception as e:  # noqa: BLE001 - enhancement never fails a job; the reason is kept
+            return Enhancement(prompt=prompt, original=prompt, backend=self.name,
+                               error=f"language model failed: {type(e).__name__}: {str(e)[:200]}")
+        text = " ".join(text.replace("Rewritten prompt:", " ").split()).strip(' "\'')
+        if not text:
+            return Enhancement(prompt=prompt, original=prompt, backend=self.name,
+                               error="language model returned an empty prompt; kept the original")
+        return Enhancement(prompt=text[:MAX_PROMPT_CHARS], original=prompt, backend=self.name)
+
+
 _BACKENDS: dict[str, type[RuleBasedEnhancer]] = {"rules": RuleBasedEnhancer}
 
 
-def get_enhancer(backend: str = "rules") -> PromptEnhancer:
-    """Build the enhancer named by configuration; unknown names fail loudly at startup."""
+def get_enhancer(backend: str = "rules", settings: "Settings | None" = None) -> PromptEnhancer:
+    """Build the enhancer named by configuration; unknown names fail loudly at startup.
+
+    ``transformers`` needs ``settings`` (model path, device, bounds); its model
+    loads on first use or when the worker preloads it.
+    """
+    name = backend.strip().lower() if isinstance(backend, str) else backend
+    if name == "transformers":
+        if settings is None or settings.enhancer_model_path is None:
+            raise ValueError("the transformers enhancer needs ENHANCER_MODEL_PATH")
+        return TransformersEnhancer(
+            str(settings.enhancer_model_path), device=settings.model_device,
+            dtype=settings.model_dtype, max_new_tokens=settings.enhancer_max_new_tokens,
+            timeout=settings.enhancer_timeout_seconds)
     try:
-        factory = _BACKENDS[backend.strip().lower()]
-    except (KeyError, AttributeError):
+        factory = _BACKENDS[name]
+    except (KeyError, TypeError):
         raise ValueError(f"unknown prompt enhancer backend {backend!r}; "
-                         f"available: {sorted(_BACKENDS)}") from None
+                         f"available: {sorted([*_BACKENDS, 'transformers'])}") from None
     return factory()

@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
@@ -67,6 +67,13 @@ QUEUE_WAIT = Histogram("orchestrator_job_queue_wait_seconds",
 RUN_TIME = Histogram("orchestrator_job_run_seconds",
                      "Time from started to completed, of completed jobs", ["job_type"],
                      buckets=RUN_BUCKETS)
+#: Set by a worker process once it has loaded a model backend (tasks.runtime.preload).
+MODEL_PARAMETERS = Gauge("orchestrator_model_parameters",
+                         "Parameters of a model a live worker process holds warm",
+                         ["family", "backend", "device", "dtype"], multiprocess_mode="liveall")
+MODEL_MEMORY = Gauge("orchestrator_model_memory_bytes",
+                     "Memory after loading the model (GPU allocated/peak, or the process's peak RSS)",
+                     ["family", "device", "kind"], multiprocess_mode="liveall")
 
 
 def _never_raises(fn: F) -> F:
@@ -111,6 +118,17 @@ def job_finished(job: Job) -> None:
         run = _seconds(job.started_at, job.completed_at)
         if run is not None:
             RUN_TIME.labels(job_type=job.job_type).observe(run)
+
+
+@_never_raises
+def model_loaded(info: dict[str, Any]) -> None:
+    """A worker process loaded a model: what it is, where, and the memory it took."""
+    family, device = str(info.get("family")), str(info.get("device"))
+    MODEL_PARAMETERS.labels(family=family, backend=str(info.get("backend")), device=device,
+                            dtype=str(info.get("dtype"))).set(float(info.get("parameters") or 0))
+    for key, value in info.items():
+        if key.endswith("_bytes"):
+            MODEL_MEMORY.labels(family=family, device=device, kind=key.removesuffix("_bytes")).set(value)
 
 
 # --- the shared directory ----------------------------------------------------------------------

@@ -47,6 +47,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=settings.publish_timeout,
         worker_hijack_root_logger=False,
+        # Model backends load their weights in worker_process_init (minutes for
+        # real checkpoints); Celery must not kill a child that is still loading.
+        worker_proc_alive_timeout=(4.0 if (settings.sdxl_backend, settings.wan_backend,
+                                           settings.enhancer_backend)
+                                   == ("procedural", "procedural", "rules") else 900.0),
         task_routes={RECONCILE_TASK: {"queue": QueueNames.MAINTENANCE}},
         beat_schedule={
             "reconcile": {

@@ -50,9 +50,42 @@ def runtime() -> Runtime:
             settings=settings,
             db=Database(settings.database_url),
             storage=LocalStorage(settings.storage_root, buckets=BUCKETS),
-            enhancer=get_enhancer("rules"),
+            enhancer=get_enhancer(settings.enhancer_backend, settings),
         )
     return _runtime
+
+
+def preload(queues: set[str] | None = None) -> list[dict[str, object]]:
+    """Load the model backends this worker process serves, once, before any job.
+
+    ``queues``: the queues the worker consumes (None: every family). Returns
+    what each loaded model reports (device, model, memory) and logs it.
+    """
+    import logging
+
+    rt = runtime()
+    loaded: list[dict[str, object]] = []
+    families = [f for f in Family if queues is None or f.value in queues]
+    for family in families:
+        gen = rt.generator(family)
+        describe = getattr(gen, "describe", None)
+        if describe is not None:
+            loaded.append(describe())
+    if Family.WAN in families:
+        warm = getattr(rt.enhancer, "load", None)
+        if warm is not None:
+            loaded.append(warm())
+    from orchestrator import metrics
+
+    for info in loaded:
+        logging.getLogger(__name__).info("model ready: %s", info)
+        metrics.model_loaded(info)
+    MODELS[:] = loaded
+    return loaded
+
+
+#: What :func:`preload` loaded in this process (device, model, memory per model).
+MODELS: list[dict[str, object]] = []
 
 
 def reset() -> None:

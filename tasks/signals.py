@@ -66,6 +66,21 @@ def _client_message(exc: BaseException | None) -> str:
 @signals.worker_process_init.connect
 def _fresh_process(**_: Any) -> None:
     rt_module.reset()
+    _load_models()
+
+
+def _load_models() -> None:
+    """Model backends load here, once per worker process, not per job."""
+    settings = rt_module.runtime().settings
+    if (settings.sdxl_backend, settings.wan_backend, settings.enhancer_backend) == (
+            "procedural", "procedural", "rules"):
+        return
+    from tasks.celery_app import celery_app
+
+    queues = set(celery_app.amqp.queues.consume_from or ()) or None
+    if queues is not None and not queues & {"sdxl", "wan"}:
+        return
+    rt_module.preload(queues)
 
 
 @signals.task_success.connect

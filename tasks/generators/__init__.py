@@ -9,7 +9,16 @@ from tasks.generators.base import Generator
 
 
 def get_generator(family: Family, settings: Settings) -> Generator:
-    """The configured generator of a family (procedural for now)."""
+    """The configured generator of a family: ``procedural``, or ``diffusers``
+    (loads the weights now; needs the ``models`` extra)."""
+    backend, path = ((settings.sdxl_backend, settings.sdxl_model_path) if family is Family.SDXL
+                     else (settings.wan_backend, settings.wan_model_path))
+    if backend == "diffusers" and path is not None:
+        from tasks.generators.diffusion import SDXLGenerator, WanGenerator
+
+        cls = SDXLGenerator if family is Family.SDXL else WanGenerator
+        return cls(path, device=settings.model_device, dtype=settings.model_dtype,
+                   max_steps=settings.model_max_steps)
     from tasks.generators.procedural import ProceduralGenerator
 
     return ProceduralGenerator()

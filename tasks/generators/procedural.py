@@ -31,7 +31,7 @@ from PIL import Image
 from orchestrator.errors import GenerationError
 from tasks.generators.base import GeneratedFile, GenerationResult, GenerationSpec, ProgressCallback
 
-__all__ = ["ProceduralGenerator"]
+__all__ = ["ProceduralGenerator", "encode_mp4", "poster_png"]
 
 _WAVES = 4
 _BLOBS = 4
@@ -134,6 +134,45 @@ def _yuv_luts(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     u = 128 - 37.797 * r - 74.203 * g + 112.0 * b
     v = 128 + 112.0 * r - 93.786 * g - 18.214 * b
     return tuple(np.round(c).astype(np.uint8) for c in (y, u, v))  # type: ignore[return-value]
+
+
+def _open_h264(buf: io.BytesIO, width: int, height: int, fps: int) -> tuple[Any, Any]:
+    """An MP4 container writing one H.264 yuv420p stream into ``buf``."""
+    container = av.open(buf, mode="w", format="mp4")
+    stream = container.add_stream("libx264", rate=fps, options={"preset": "ultrafast"})
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    return container, stream
+
+
+def encode_mp4(frames: Any, fps: int) -> bytes:
+    """H.264 MP4 of RGB uint8 frames (an iterable of HxWx3 arrays), the same
+    encoder settings as the procedural videos; used by the model backends."""
+    buf = io.BytesIO()
+    container = stream = None
+    try:
+        for n, rgb in enumerate(frames):
+            if container is None:
+                container, stream = _open_h264(buf, rgb.shape[1], rgb.shape[0], fps)
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            frame.pts, frame.time_base = n, Fraction(1, fps)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        if container is None:
+            raise GenerationError("no frames to encode")
+        for packet in stream.encode(None):
+            container.mux(packet)
+    finally:
+        if container is not None:
+            container.close()
+    return buf.getvalue()
+
+
+def poster_png(rgb: np.ndarray) -> bytes:
+    """The video poster: the first frame scaled to at most 416 px on its long side."""
+    h, w = rgb.shape[:2]
+    scale = min(1.0, _THUMB_LONG_SIDE / max(w, h))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return _png(np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR)))
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -276,9 +315,7 @@ class ProceduralGenerator:
         yuv = np.empty(w * h * 3 // 2, dtype=np.uint8)
         y_plane, u_plane, v_plane = np.split(yuv, [w * h, w * h * 5 // 4])
         buf = io.BytesIO()
-        container = av.open(buf, mode="w", format="mp4")
-        stream = container.add_stream("libx264", rate=fps, options={"preset": "ultrafast"})
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        container, stream = _open_h264(buf, w, h, fps)
         thumb: list[bytes] = []
 
         def frame_unit(n: int) -> Callable[[], None]:
