@@ -3,7 +3,7 @@ the only backend without model weights; model backends plug in behind the
 same :class:`~tasks.generators.base.Generator` protocol."""
 from __future__ import annotations
 
-from orchestrator.config import Settings
+from orchestrator.config import ConfigurationError, Settings
 from orchestrator.jobtypes import Family
 from tasks.generators.base import Generator
 
@@ -16,6 +16,13 @@ def get_generator(family: Family, settings: Settings) -> Generator:
     if backend == "diffusers" and path is not None:
         from tasks.generators.diffusion import SDXLGenerator, WanGenerator
 
+        try:
+            import diffusers  # noqa: F401
+            import torch  # noqa: F401
+        except ImportError as e:
+            raise ConfigurationError(
+                f"{family.value.upper()}_BACKEND=diffusers needs the 'models' extra "
+                f"(pip install -e '.[models]'): {e}") from e
         cls = SDXLGenerator if family is Family.SDXL else WanGenerator
         return cls(path, device=settings.model_device, dtype=settings.model_dtype,
                    max_steps=settings.model_max_steps)
