@@ -1,10 +1,13 @@
 -- wrk script of `make bench`: rotate through prepared requests, print a JSON summary.
 --
---   wrk -t2 -c16 -d10s -s bench/requests.lua http://127.0.0.1:PORT -- requests.tsv
+--   wrk -t2 -c16 -d10s -s bench/requests.lua http://127.0.0.1:PORT -- requests.tsv 2 [close]
 --
 -- Each line of the file is METHOD<TAB>PATH<TAB>AUTHORIZATION<TAB>BODY (AUTHORIZATION
 -- may be empty). Thread i of n sends lines i, i+n, i+2n, ... and wraps around, so
--- the threads never send the same line at the same time.
+-- the threads never send the same line at the same time (the second argument is the
+-- number of threads). With "close", every request asks for `Connection: close`: each one
+-- is a new connection, so the server's worker processes share the load request by
+-- request instead of keeping the connections they happened to accept.
 
 local threads = {}
 local counter = 0
@@ -16,10 +19,12 @@ function setup(thread)
 end
 
 function init(args)
+  close_ = args[3] == "close"
   local lines = {}
   for line in io.lines(args[1]) do
     local method, path, auth, body = line:match("^([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$")
     local headers = {["Content-Type"] = "application/json"}
+    if close_ then headers["Connection"] = "close" end
     if auth ~= "" then headers["Authorization"] = auth end
     if body == "" then body = nil end
     lines[#lines + 1] = wrk.format(method, path, headers, body)

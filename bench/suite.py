@@ -304,7 +304,8 @@ class Load:
     def wrk_once(self, url: str, lines: Path, duration: int) -> dict[str, Any]:
         a = self.args
         cmd = [self.wrk, f"-t{a.threads}", f"-c{a.connections}", f"-d{duration}s", "--timeout", "5s",
-               "-s", str(LUA), url, "--", str(lines), str(a.threads)]
+               "-s", str(LUA), url, "--", str(lines), str(a.threads),
+               "keep-alive" if a.keepalive else "close"]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
         found = [line for line in out.stdout.splitlines() if line.startswith("{")]
         if out.returncode != 0 or not found:
@@ -610,6 +611,11 @@ def service_web(servers: Servers, load: Load, workdir: Path, args: argparse.Name
             "callback", stack.env, stack.env["REDIS_URL"], "--auth-file",
             str(workdir / "worker-auth.txt"), "--jobs-file", str(workdir / "fresh-jobs.txt"),
             "--requests", str(max(10, (len(fresh) - 30) // 3)))
+        # The same reports again: the jobs are processing now, so these are heartbeats.
+        out["heartbeat_cost"] = request_cost(
+            "callback", stack.env, stack.env["REDIS_URL"], "--auth-file",
+            str(workdir / "worker-auth.txt"), "--jobs-file", str(workdir / "fresh-jobs.txt"),
+            "--requests", str(max(10, (len(fresh) - 30) // 3)))
         with psycopg.connect(pg_url, autocommit=True) as conn:
             conn.execute("UPDATE jobs SET status = 'completed' WHERE status IN ('queued', 'processing')")
 
@@ -899,8 +905,13 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
         "`WEB_THREADS=64`, access log on); the baselines run the same line with their own app "
         "and without `-c web/gunicorn_conf.py`.",
         f"- Load: `wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s -s "
-        "bench/requests.lua` (closed loop, keep-alive), after a "
-        f"{args.warmup:g} s warm-up; wrk, the servers and the bench share the "
+        "bench/requests.lua` (closed loop; "
+        + ("keep-alive" if args.keepalive else
+           "`Connection: close`, a new connection per request: with keep-alive the "
+           f"{args.connections} connections stay with whichever gunicorn worker accepted them, and one worker "
+           "often got most, which made runs differ by 2×; the issue's reference used sync "
+           "workers, which close every connection too")
+        + f"), after a {args.warmup:g} s warm-up; wrk, the servers and the bench share the "
         f"{os.cpu_count()} cores.",
         "- Other test suites seen running while measuring (before each phase the bench waits "
         "until none runs, and measures a phase again if one started meanwhile, up to "
@@ -980,7 +991,8 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
         f"{_fmt(res['sse']['max_ms'], ' ms', 1)} |",
     ]
     costs = [("naive reference", naive.get("cost")), ("`queue-job`", qj.get("cost")),
-             ("`job-callback`, claim", web.get("callback_cost"))]
+             ("`job-callback`, claim", web.get("callback_cost")),
+             ("`job-callback`, heartbeat", web.get("heartbeat_cost"))]
     if any(c for _, c in costs):
         lines += [
             "",
@@ -1097,6 +1109,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3, help="seconds of wrk warm-up")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
+    parser.add_argument("--keepalive", action="store_true",
+                        help="keep connections open (default: a new connection per request, so "
+                             "load spreads over the gunicorn workers request by request)")
     parser.add_argument("--users", type=int, default=4000)
     parser.add_argument("--probes", type=int, default=200, help="dispatch probes per run")
     parser.add_argument("--probe-gap", type=float, default=0.05)
