@@ -1119,7 +1119,7 @@ def main() -> int:
     parser.add_argument("--pg-seconds", type=float, default=3)
     parser.add_argument("--sse-events", type=int, default=300)
     parser.add_argument("--pg", choices=("private", "local"), default="private")
-    parser.add_argument("--quiet-wait", type=float, default=0, metavar="SECONDS",
+    parser.add_argument("--quiet-wait", type=float, default=900, metavar="SECONDS",
                         help="wait up to this long in all for other pytest runs to end "
                              "(before each phase)")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
