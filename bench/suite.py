@@ -213,20 +213,7 @@ class Watcher:
 class BenchRedis(PrivateRedis):
     """A private redis-server: AOF with fsync every second, no RDB snapshots."""
 
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind",
-             "127.0.0.1", "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync",
-             "everysec", "--save", "", "--maxmemory-policy", "noeviction"],
-            stdout=open(self.dir / "redis.log", "ab"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if self.client().ping():
-                    return
-            except redis_lib.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError("private redis did not start")
+    appendfsync = "everysec"
 
 
 class BenchPostgres(PrivatePostgres):

@@ -43,6 +43,9 @@ def procfile() -> dict[str, str]:
 class PrivateRedis:
     """A redis-server of our own (AOF on), so a test may stop, restart or flush it."""
 
+    #: fsync of the AOF: "always" (a test's queued message survives a kill); the bench: "everysec".
+    appendfsync = "always"
+
     def __init__(self, workdir: Path) -> None:
         self.port = free_port()
         self.dir = workdir / "redis"
@@ -60,7 +63,7 @@ class PrivateRedis:
         self.proc = subprocess.Popen(
             [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind",
              "127.0.0.1", "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync",
-             "always", "--save", "", "--maxmemory-policy", "noeviction"],
+             self.appendfsync, "--save", "", "--maxmemory-policy", "noeviction"],
             stdout=open(self.dir / "redis.log", "ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
