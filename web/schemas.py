@@ -91,24 +91,26 @@ class _QueueJob(_Body):
             video_id=getattr(self, "video_id", None))
 
 
-class SdxlJobBody(_QueueJob):
+class _ImageJob(_QueueJob):
+    """What every image job takes besides its type and metadata."""
+
+    image_id: Uuid | None = Field(default=None, alias="imageId", description=(
+        "A pre-created image row of the caller's (POST /v1/images) to fill"))
+    video_id: None = Field(default=None, alias="videoId", description="Only for video jobs")
+
+
+class SdxlJobBody(_ImageJob):
     """An SDXL image job (up to six images)."""
 
     job_type: Literal[_SDXL_TYPES] = Field(alias="jobType")  # type: ignore[valid-type]
     metadata: SdxlMetadata | None = None
-    image_id: Uuid | None = Field(default=None, alias="imageId", description=(
-        "A pre-created image row of the caller's (POST /v1/images) to fill"))
-    video_id: None = Field(default=None, alias="videoId", description="Only for video jobs")
 
 
-class WanImageJobBody(_QueueJob):
+class WanImageJobBody(_ImageJob):
     """A WAN image job (one image)."""
 
     job_type: Literal[_WAN_IMAGE_TYPES] = Field(alias="jobType")  # type: ignore[valid-type]
     metadata: WanMetadata | None = None
-    image_id: Uuid | None = Field(default=None, alias="imageId", description=(
-        "A pre-created image row of the caller's (POST /v1/images) to fill"))
-    video_id: None = Field(default=None, alias="videoId", description="Only for video jobs")
 
 
 class VideoJobBody(_QueueJob):
