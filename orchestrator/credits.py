@@ -6,9 +6,10 @@ charge impossible even if two writers raced past every other guard.
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, NamedTuple
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -41,56 +42,86 @@ def _add_to_balance(session: Session, user_id: str, delta: int) -> int | None:
 _ACTIVE = (JobStatus.QUEUED.value, JobStatus.PROCESSING.value)
 
 
-def _debit_counting_active(session: Session, user_id: str, amount: int) -> tuple[int, int] | None:
-    """Debit and count the user's queued+processing jobs in the same statement."""
+class Charge(NamedTuple):
+    """What the charging statement returns besides the new balance."""
+
+    balance: int
+    active: int  #: the user's queued + processing jobs before this one
+    queued: int  #: jobs of ``queued_family`` waiting before this one (0 without one)
+
+
+@functools.cache
+def _debit_statement(count_queued: bool, notify: bool) -> Any:
+    """The charging UPDATE, built once per shape; values are bound at execution
+    (``b_user``, ``b_amount``, ``b_now``, ``b_family``): no expression building per request."""
+    user = bindparam("b_user", type_=Profile.id.type)
     active = (select(func.count()).select_from(Job)
-              .where(Job.user_id == user_id, Job.status.in_(_ACTIVE)).scalar_subquery())
-    columns: list[Any] = [Profile.token_balance, active]
-    notify = events.announce_in(session, user_id)  # the job's events follow in this transaction
-    if notify is not None:
-        columns.append(notify)
-    row = session.execute(
-        update(Profile).where(Profile.id == user_id, Profile.token_balance >= amount)
-        .values(token_balance=Profile.token_balance - amount, updated_at=utcnow())
-        .returning(*columns)).one_or_none()
-    return None if row is None else (row[0], row[1])
+              .where(Job.user_id == user, Job.status.in_(_ACTIVE)).scalar_subquery())
+    queued: Any = literal(0)
+    if count_queued:
+        queued = (select(func.count()).select_from(Job)
+                  .where(Job.family == bindparam("b_family", type_=Job.family.type),
+                         Job.status == JobStatus.QUEUED.value)
+                  .scalar_subquery())
+    columns: list[Any] = [Profile.token_balance, active, queued]
+    if notify:
+        columns.append(events.NOTIFY_USER)
+    amount = bindparam("b_amount", type_=Profile.token_balance.type)
+    return (update(Profile).where(Profile.id == user, Profile.token_balance >= amount)
+            .values(token_balance=Profile.token_balance - amount,
+                    updated_at=bindparam("b_now", type_=Profile.updated_at.type))
+            .returning(*columns))
+
+
+def _debit_counting(session: Session, user_id: str, amount: int,
+                    queued_family: str | None) -> Charge | None:
+    """Debit, and in the same statement count the user's active jobs and the family's queue."""
+    notify = events.announce_in(session, user_id) is not None  # the job's events follow
+    params: dict[str, Any] = {"b_user": user_id, "b_amount": amount, "b_now": utcnow()}
+    if queued_family is not None:
+        params["b_family"] = queued_family
+    row = session.execute(_debit_statement(queued_family is not None, notify), params).one_or_none()
+    return None if row is None else Charge(row[0], row[1], row[2])
 
 
 def debit(session: Session, user_id: str, amount: int, *, max_active: int = 0,
-          retry_after: int = 10) -> int:
-    """Take ``amount`` from the user's balance; return the new balance.
+          retry_after: int = 10, queued_family: str | None = None) -> Charge:
+    """Take ``amount`` from the user's balance, in one statement that also counts.
 
     A user seen for the first time gets a profile with the default balance.
-    With ``max_active``, the same statement counts the user's queued and
-    processing jobs (no extra round trip); at the cap the caller's transaction
-    must roll back (the debit with it).
+    The same statement counts the user's queued and processing jobs (checked
+    against ``max_active``; at the cap the caller's transaction must roll back,
+    the debit with it) and, with ``queued_family``, that family's waiting jobs:
+    no extra round trips.
 
     Raises:
         InsufficientCredits: the balance is below ``amount`` (nothing changes).
         RateLimited: the user already has ``max_active`` jobs queued or running.
     """
-    row = _debit_counting_active(session, user_id, amount)
-    if row is None:
+    charge = _debit_counting(session, user_id, amount, queued_family)
+    if charge is None:
         ensure_profile(session, user_id)
-        row = _debit_counting_active(session, user_id, amount)
-    if row is None:
+        charge = _debit_counting(session, user_id, amount, queued_family)
+    if charge is None:
         raise InsufficientCredits(
             f"Insufficient credits: this job costs {amount}",
             details={"required": amount})
-    balance, active = row
-    if max_active and active >= max_active:
+    if max_active and charge.active >= max_active:
         raise RateLimited(
-            f"You have {active} jobs queued or running; the limit is {max_active}. "
+            f"You have {charge.active} jobs queued or running; the limit is {max_active}. "
             "Submit more when some finish.", retry_after=retry_after,
-            details={"active_jobs": active, "max_active_jobs": max_active})
-    return balance
+            details={"active_jobs": charge.active, "max_active_jobs": max_active})
+    return charge
 
 
 def record(session: Session, *, user_id: str, job_id: str | None, delta: int, reason: str,
            balance_after: int, charge_no: int = 1) -> None:
-    session.execute(insert(CreditEntry).values(
+    session.execute(_INSERT_ENTRY, dict(
         user_id=user_id, job_id=job_id, delta=delta, reason=reason, charge_no=charge_no,
         balance_after=balance_after, created_at=utcnow()))
+
+
+_INSERT_ENTRY = insert(CreditEntry.__table__)
 
 
 def refund(session: Session, *, user_id: str, job_id: str, amount: int, charge_no: int) -> int:

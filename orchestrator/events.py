@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-from sqlalchemy import String, cast, event, func, select, text
+from sqlalchemy import String, cast, event, func, insert, select, text
 from sqlalchemy.orm import Session
 
 from orchestrator.models import Image, Job, JobEvent, Profile, Video, utcnow
@@ -45,14 +45,32 @@ def asset_event(asset: Image | Video, job_id: str | None) -> JobEvent:
                     type=f"{entity}.{asset.status}", payload=payload, created_at=utcnow())
 
 
-def append(session: Session, *events: JobEvent) -> None:
+def _lock_users(session: Session, events: tuple[JobEvent, ...]) -> None:
+    """PostgreSQL: lock (and NOTIFY) each user not yet locked by this transaction."""
     users = {e.user_id for e in events}
     announced: set[str] = session.info.setdefault("event_users", set())
     if session.get_bind().dialect.name == "postgresql":
         for user_id in sorted(users - announced):  # sorted: two users' locks in one order
             session.execute(_LOCK_AND_NOTIFY, {"channel": CHANNEL, "user_id": user_id})
     announced |= users
+
+
+def append(session: Session, *events: JobEvent) -> None:
+    """Add the events to the session (inserted at its next flush)."""
+    _lock_users(session, events)
     session.add_all(events)
+
+
+def write(session: Session, *events: JobEvent) -> None:
+    """Insert the events now, all in one Core statement (no ORM flush): for
+    transactions that write everything else with Core too."""
+    _lock_users(session, events)
+    session.execute(_INSERT_EVENT, [
+        {"user_id": e.user_id, "job_id": e.job_id, "entity": e.entity, "entity_id": e.entity_id,
+         "type": e.type, "payload": e.payload, "created_at": e.created_at} for e in events])
+
+
+_INSERT_EVENT = insert(JobEvent.__table__)
 
 
 def announce_in(session: Session, user_id: str) -> Any | None:
@@ -62,7 +80,11 @@ def announce_in(session: Session, user_id: str) -> Any | None:
     if session.get_bind().dialect.name != "postgresql":
         return None
     session.info.setdefault("event_users", set()).add(user_id)
-    return func.pg_notify(CHANNEL, cast(Profile.id, String))
+    return NOTIFY_USER
+
+
+#: A column of a statement over ``profiles`` that NOTIFYs the row's user (see announce_in).
+NOTIFY_USER = func.pg_notify(CHANNEL, cast(Profile.id, String))
 
 
 def set_publisher(publish: Callable[[set[str]], None] | None) -> None:

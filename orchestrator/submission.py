@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from sqlalchemy import func, select, update
+from sqlalchemy import insert, inspect as sa_inspect, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -173,16 +173,19 @@ def _attach_asset(session: Session, job: Job, spec: JobType, req: SubmitRequest)
                       resolution=f"{spec.width}x{spec.height}", format="mp4", **common)
     else:
         asset = Image(image_url=None, image_urls=None, generation_mode=spec.name, **common)
-    session.add(asset)
+    session.execute(insert(model.__table__), _values(asset))
     return asset
 
 
-def queue_length(session: Session, family: str) -> int:
-    """How many jobs of this family are waiting (queued, not yet started)."""
-    return session.execute(
-        select(func.count()).select_from(Job)
-        .where(Job.family == family, Job.status == JobStatus.QUEUED.value)
-    ).scalar_one()
+_COLUMNS: dict[type, list[tuple[str, str]]] = {}
+
+
+def _values(obj: Any) -> dict[str, Any]:
+    """A new ORM object's column values, for a Core INSERT (no unit of work, no flush)."""
+    cls = type(obj)
+    if cls not in _COLUMNS:
+        _COLUMNS[cls] = [(a.columns[0].key, a.key) for a in sa_inspect(cls).column_attrs]
+    return {column: getattr(obj, attr) for column, attr in _COLUMNS[cls]}
 
 
 def _wait_hint(spec: JobType) -> int:
@@ -213,8 +216,9 @@ def submit_job(db: Database, user_id: str, req: SubmitRequest, *, max_attempts: 
     seed = _int_option(metadata, "seed", 0, 2**32 - 1, derive_seed(job_id))
     with db.transaction() as session:
         prompt, project = _resolve_prompt(session, user_id, req)
-        balance = credits.debit(session, user_id, spec.credits, max_active=max_active,
-                                retry_after=_wait_hint(spec))
+        # First statement: it locks the user's profile row (event order, see events).
+        charge = credits.debit(session, user_id, spec.credits, max_active=max_active,
+                               retry_after=_wait_hint(spec), queued_family=spec.family.value)
         now = utcnow()
         job = Job(
             id=job_id, user_id=user_id, job_type=spec.name, family=spec.family.value,
@@ -228,19 +232,18 @@ def submit_job(db: Database, user_id: str, req: SubmitRequest, *, max_attempts: 
             lease_expires_at=None, created_at=now, updated_at=now, queued_at=now, dispatched_at=None,
             started_at=None, completed_at=None,
         )
-        asset = _attach_asset(session, job, spec, req)
-        session.flush()  # the asset row first: the job references it
+        asset = _attach_asset(session, job, spec, req)  # first: the job references it
         if spec.is_video:
             job.video_id = asset.id
         else:
             job.image_id = asset.id
-        session.add(job)
+        session.execute(insert(Job.__table__), _values(job))
         credits.record(session, user_id=user_id, job_id=job_id, delta=-spec.credits,
-                       reason="job_charge", balance_after=balance, charge_no=1)
-        events.append(session, events.job_event(job, "queued"), events.asset_event(asset, job_id))
-        session.flush()
-        submitted = Submitted(job=job, spec=spec, queue_length=queue_length(session, spec.family.value),
-                              balance=balance)
+                       reason="job_charge", balance_after=charge.balance, charge_no=1)
+        events.write(session, events.job_event(job, "queued"), events.asset_event(asset, job_id))
+        # The count ran before this job's row existed: it is last in its queue.
+        submitted = Submitted(job=job, spec=spec, queue_length=charge.queued + 1,
+                              balance=charge.balance)
         if key is not None and answer is not None:
             status, body = answer(submitted)
             try:
@@ -276,8 +279,10 @@ def retry_job(db: Database, user_id: str, job_id: str, *, max_attempts: int,
         if job.status != JobStatus.FAILED.value:
             raise Conflict(f"Only failed jobs can be retried; this one is {job.status}",
                            details={"status": job.status})
-        balance = credits.debit(session, user_id, job.credits, max_active=max_active,
-                                retry_after=_wait_hint(JOB_TYPES[job.job_type]))
+        charge = credits.debit(session, user_id, job.credits, max_active=max_active,
+                               retry_after=_wait_hint(JOB_TYPES[job.job_type]),
+                               queued_family=job.family)
+        balance = charge.balance
         charge_no = job.charges + 1
         meta = {k: v for k, v in (job.metadata_ or {}).items()
                 if k not in ("primary_asset", "all_assets")}
@@ -306,7 +311,8 @@ def retry_job(db: Database, user_id: str, job_id: str, *, max_attempts: int,
         events.append(session, *evs)
         session.flush()
         spec = JOB_TYPES[job.job_type]
-        submitted = Submitted(job=job, spec=spec, queue_length=queue_length(session, job.family),
+        # Counted while this job was still failed: it is last in its queue.
+        submitted = Submitted(job=job, spec=spec, queue_length=charge.queued + 1,
                               balance=balance)
     metrics.job_created(spec.name)  # committed: a retry is a new run
     return submitted

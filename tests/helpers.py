@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import io
-from typing import Any
+import time
+from typing import Any, Callable
 
 from orchestrator import submission
 from orchestrator.db import Database
@@ -49,3 +50,14 @@ def assert_json_error(resp: Any, status: int) -> dict[str, Any]:
     assert isinstance(body["error"], str) and body["error"]
     assert "Traceback" not in resp.get_data(as_text=True)
     return body
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 3.0, interval: float = 0.02) -> Any:
+    """Poll ``check`` until it returns something truthy (returned) or ``timeout`` passes
+    (then its last value is returned, for the caller's assert)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)

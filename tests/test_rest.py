@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from orchestrator.models import CreditEntry, Image, Job, Profile, Project, Video
-from tests.helpers import assert_json_error, balance
+from tests.helpers import assert_json_error, balance, wait_until
 
 QUEUE = "/functions/v1/queue-job"
 
@@ -552,9 +552,9 @@ def test_celery_message_reaches_redis(client: Any, redis_client: Any,
     assert redis_client.llen("wan") == 1
     assert redis_client.llen("sdxl") == 1
     assert json.loads(redis_client.lindex("wan", 0))["headers"]["id"] == wan_job["id"]
-    # dispatch was recorded after the publish
-    record = client.get(f"/v1/jobs/{job['id']}", headers=headers).get_json()
-    assert record.get("dispatched_at") is not None
+    # dispatch was recorded after the publish (in the web process's next batch of marks)
+    assert wait_until(lambda: client.get(f"/v1/jobs/{job['id']}", headers=headers)
+                      .get_json().get("dispatched_at"))
 
 
 def test_publish_after_broker_flush_still_reaches_queue(client: Any, redis_client: Any,

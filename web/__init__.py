@@ -8,6 +8,7 @@ from flask import Flask
 from orchestrator.config import Settings, get_settings
 from orchestrator.db import Database
 from orchestrator.jobtypes import BUCKETS
+from orchestrator.dispatch_marks import DispatchMarks
 from orchestrator.queues import Estimates
 from orchestrator.revocation import RevocationList
 from orchestrator.storage import LocalStorage, UrlSigner
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None, *, publisher: Publisher | None 
         publish=publisher,
         revocations=RevocationList(database, settings.revocation_refresh_seconds),
         estimates=Estimates(database),
+        dispatch_marks=DispatchMarks(database),
     )
 
     from web import (api, auth, errors, files, functions, health, limits, live, openapi, security,

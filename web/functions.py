@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 from flask import Blueprint, g, jsonify
-from sqlalchemy.exc import DBAPIError
 
 from orchestrator import completion, external, faults, idempotency, queries
 from orchestrator.callbacks import CallbackBody, parse_callback
@@ -44,11 +43,7 @@ def publish_committed(job: Any, metadata: dict[str, Any] | None = None) -> None:
         log.warning("publish of job %s failed (%s); the reconciler will publish it",
                     job.id, type(e).__name__)
         return
-    try:
-        completion.mark_dispatched(svc.db, job.id)
-    except DBAPIError as e:
-        # Published but not marked: the reconciler may offer it again, which is harmless.
-        log.warning("could not mark job %s dispatched (%s)", job.id, type(e).__name__)
+    svc.dispatch_marks.add(job.id)  # in a batch, off the request path
 
 
 def submit_and_publish(user_id: str, req: SubmitRequest, answer: Answer) -> Any:

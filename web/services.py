@@ -12,6 +12,7 @@ from flask import current_app, request
 from orchestrator.config import Settings
 from orchestrator import queues
 from orchestrator.db import Database
+from orchestrator.dispatch_marks import DispatchMarks
 from orchestrator.queues import Estimates
 from orchestrator.records import job_record
 from orchestrator.revocation import RevocationList
@@ -29,6 +30,7 @@ class Services:
     publish: Publisher
     revocations: RevocationList
     estimates: Estimates
+    dispatch_marks: DispatchMarks
 
     def url_for_asset(self, bucket: str, path: str) -> str:
         """A signed, expiring download URL (works in ``<img src>``, no header needed)."""

@@ -1,0 +1,95 @@
+"""Marking published jobs ``dispatched_at`` in batches, off the request path.
+
+``dispatched_at`` tells the reconciler that a queued job's message reached the
+broker: jobs committed more than ``PUBLISH_GRACE`` seconds ago (10 s) without it
+are published again. The mark is bookkeeping, not the job: a mark that is late
+or lost costs at most one extra message, which the claim skips (a job is
+started once). So instead of a second transaction per submission, each web
+process collects the ids it published and marks them in one UPDATE every
+``interval`` seconds (50 ms by default: far inside the grace), and once more
+when the process exits.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+
+from sqlalchemy import update
+from sqlalchemy.exc import DBAPIError
+
+from orchestrator.db import Database
+from orchestrator.models import Job, utcnow
+
+log = logging.getLogger(__name__)
+
+#: Ids per UPDATE (bounded IN lists).
+BATCH = 500
+
+
+class DispatchMarks:
+    """Collects published job ids; a daemon thread marks them dispatched."""
+
+    def __init__(self, db: Database, interval: float = 0.05) -> None:
+        self.db = db
+        self.interval = interval
+        self._pending: list[str] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._closed = False
+
+    def add(self, job_id: str) -> None:
+        """Mark soon (a published job)."""
+        with self._lock:
+            self._pending.append(job_id)
+            if self._thread is None or self._pid != os.getpid():  # first use, or a forked child
+                self._start()
+        self._wake.set()
+
+    def _start(self) -> None:
+        self._pid = os.getpid()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="dispatch-marks", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait()
+            self._wake.clear()
+            if self._closed:
+                break
+            # Let a burst gather, then one statement for all of it.
+            time.sleep(self.interval)
+            self.flush()
+
+    def flush(self) -> int:
+        """Mark every pending id now; return how many rows changed."""
+        with self._lock:
+            ids, self._pending = self._pending, []
+        changed = 0
+        for start in range(0, len(ids), BATCH):
+            chunk = ids[start:start + BATCH]
+            try:
+                with self.db.transaction() as session:
+                    changed += session.execute(
+                        update(Job).where(Job.id.in_(chunk), Job.dispatched_at.is_(None))
+                        # Bookkeeping, not a change a client sees: updated_at stays.
+                        .values(dispatched_at=utcnow(), updated_at=Job.updated_at)
+                        .execution_options(synchronize_session=False)).rowcount or 0
+            except DBAPIError as e:
+                # Unmarked jobs are published again by the reconciler after the grace;
+                # the duplicate message is skipped at claim.
+                log.warning("could not mark %d jobs dispatched (%s)", len(chunk), type(e).__name__)
+        return changed
+
+    def close(self) -> None:
+        """Stop the thread and mark what is pending (process exit)."""
+        self._closed = True
+        self._wake.set()
+        if self._pid == os.getpid():
+            self.flush()
