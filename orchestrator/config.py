@@ -88,6 +88,9 @@ class Settings:
     reconcile_interval: float = 10.0
     publish_grace: float = 10.0
     reoffer_after: float = 900.0
+    #: Celery "task-sent" events from the web (Flower's "sent" state): a Redis
+    #: PUBLISH per submission; off by default (workers' events stay on).
+    task_sent_events: bool = False
     max_queue_wait: float = 6 * 3600.0
     faults: bool = False
     external_families: frozenset[str] = frozenset()
@@ -176,6 +179,7 @@ class Settings:
             reconcile_interval=_float(env, "RECONCILE_INTERVAL", 10.0),
             publish_grace=_float(env, "PUBLISH_GRACE", 10.0),
             reoffer_after=_float(env, "REOFFER_AFTER", 900.0),
+            task_sent_events=env.get("TASK_SENT_EVENTS", "") == "1",
             max_queue_wait=_float(env, "MAX_QUEUE_WAIT", 6 * 3600.0),
             faults=env.get("ORCHESTRATOR_FAULTS", "") == "1",
             external_families=frozenset(_list(env, "EXTERNAL_FAMILIES")),

@@ -43,7 +43,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Job state lives in the database; Celery's results are never read.
         task_ignore_result=True,
         worker_send_task_events=True,
-        task_send_sent_event=True,
+        task_send_sent_event=settings.task_sent_events,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=settings.publish_timeout,
         worker_hijack_root_logger=False,
