@@ -1,6 +1,7 @@
 """The benchmark suite of issue 7 (``make bench``; not in CI).
 
     .venv/bin/python -m bench.suite [--runs 3] [--duration 10] [--connections 16] [--no-write]
+    .venv/bin/python -m bench.suite --only orchestration,callback [--runs 1]
 
 Starts on loopback what it measures: a private PostgreSQL server (durable
 defaults; the local server on 127.0.0.1:5432 with a fresh database when a
@@ -23,6 +24,11 @@ commands. It measures, in one run and each figure ``--runs`` times:
 then stops everything it started and rewrites its section of
 ``bench/RESULTS.md`` (between the ``bench:suite`` markers; the other sections
 stay). The raw figures go to ``var/bench/last.json``.
+
+``--only`` measures some phases (a comma list of ``PHASES``); such a partial
+run never touches ``bench/RESULTS.md``: it prints the medians and writes its raw
+figures to ``var/bench/last-partial.json``. The py-spy profiles of the last run
+stay in ``var/bench/profile-*.txt`` (py-spy's raw format).
 """
 from __future__ import annotations
 
@@ -66,6 +72,9 @@ JOB_TYPES_MIX = ("sdxl_image_fast", "image_fast", "video_fast", "sdxl_image_high
 # The old system's dispatch: Redis polled every 2 s (SDXL) and 5 s (WAN), i.e. a mean wait of
 # half the period before a GPU saw the job.
 OLD_POLL_MEAN_S = {"SDXL": 1.0, "WAN": 2.5}
+
+#: What ``--only`` can select, in the order the suite measures them.
+PHASES = ("raw", "naive", "queue-job", "callback", "dispatch", "orchestration", "rss", "sse")
 
 TARGETS = {
     "queue_job_ratio": 1.0,      # × naive reference requests/s
@@ -573,19 +582,39 @@ def service_web(servers: Servers, load: Load, workdir: Path, args: argparse.Name
                 conn.execute("VACUUM ANALYZE jobs")
             broker.delete("sdxl", "wan")  # nothing consumes them: keep Redis small
 
-        results = load.runs("queue-job", stack.base_url, lines, between=drain)
-        out["queue_job"] = Load.summarise(results)
-        with psycopg.connect(pg_url) as conn:
-            out["queue_job"]["jobs_in_db"] = conn.execute("SELECT count(*) FROM jobs").fetchone()[0]
+        if "queue-job" in args.only:
+            results = load.runs("queue-job", stack.base_url, lines, between=drain)
+            out["queue_job"] = Load.summarise(results)
+            with psycopg.connect(pg_url) as conn:
+                out["queue_job"]["jobs_in_db"] = conn.execute("SELECT count(*) FROM jobs").fetchone()[0]
 
-        if args.profile:
-            out["queue_job"]["profile"] = profile_web(stack, load, lines, workdir, "queue-job", drain)
+            if args.profile:
+                out["queue_job"]["profile"] = profile_web(stack, load, lines, workdir, "queue-job", drain)
 
-        # One request's cost, in-process: queue-job, then the first callback of the jobs it made.
-        auth_file = workdir / "auth.txt"
-        auth_file.write_text("\n".join(auth for _, auth in users))
-        out["queue_job"]["cost"] = request_cost("queue-job", stack.env, stack.env["REDIS_URL"],
-                                                "--auth-file", str(auth_file))
+            # One request's cost, in-process: queue-job, then the first callback of the jobs it made.
+            auth_file = workdir / "auth.txt"
+            auth_file.write_text("\n".join(auth for _, auth in users))
+            out["queue_job"]["cost"] = request_cost("queue-job", stack.env, stack.env["REDIS_URL"],
+                                                    "--auth-file", str(auth_file))
+            qj_rps = out["queue_job"]["rps"]["median"]
+        else:
+            # Only the callback is measured: queue-job just makes its jobs (not measured).
+            r = load.wrk_once(stack.base_url, lines, args.duration)
+            qj_rps = r["rps"]
+            drain()
+            batch = batches.pop()
+            log(f"queue-job (not measured): {r['requests']} requests, {r['errors']} errors, "
+                f"{len(batch)} jobs for the callback runs")
+            if not batch:
+                raise RuntimeError(f"queue-job made no jobs: {stack.log_tail('web')}")
+            keep = min(len(batch) // 2, 330)
+            with psycopg.connect(pg_url, autocommit=True) as conn:
+                conn.execute("UPDATE jobs SET status = 'queued', completed_at = NULL "
+                             "WHERE id = ANY(%s::uuid[])", (batch[:keep],))
+            batches.append(batch[keep:])
+        if "callback" not in args.only:
+            out["rss"] = web_rss(stack.procs["web"].pid)
+            return out
         with psycopg.connect(pg_url) as conn:
             fresh = [r[0] for r in conn.execute("SELECT id::text FROM jobs WHERE status = 'queued' "
                                                 "ORDER BY created_at").fetchall()]
@@ -626,7 +655,7 @@ def service_web(servers: Servers, load: Load, workdir: Path, args: argparse.Name
         size = int(warm["rps"] * args.duration * 1.4) + 100
         while len(pool) < size * args.runs:
             missing = size * args.runs - len(pool)
-            seconds = max(2, int(missing / max(out["queue_job"]["rps"]["median"], 1) * 1.1) + 1)
+            seconds = max(2, int(missing / max(qj_rps, 1) * 1.1) + 1)
             log(f"job-callback: {len(pool)} fresh jobs, {size * args.runs} wanted: "
                 f"queue-job for {seconds} s more")
             load.wrk_once(stack.base_url, lines, seconds)
@@ -723,21 +752,24 @@ def service_worker(servers: Servers, workdir: Path, args: argparse.Namespace) ->
                                          "id = ANY(%s::uuid[])", (list(committed),)).fetchall())
             return [(started[j].timestamp() - t) * 1000 for j, t in committed.items()]
 
-        probe_run(10)  # warm: the worker's runtime, connections
-        runs = []
-        for i in range(args.runs):
-            lat = probe_run(args.probes)
-            runs.append({"p50": percentile(lat, 50), "p90": percentile(lat, 90),
-                         "p99": percentile(lat, 99), "max": max(lat), "mean": statistics.fmean(lat)})
-            log(f"dispatch run {i + 1}: p50 {runs[-1]['p50']:.2f} ms p99 {runs[-1]['p99']:.2f} ms")
-        out["dispatch"] = {k: spread([r[k] for r in runs]) for k in runs[0]}
-        out["dispatch"]["probes"] = args.probes
+        if "dispatch" in args.only:
+            probe_run(10)  # warm: the worker's runtime, connections
+            runs = []
+            for i in range(args.runs):
+                lat = probe_run(args.probes)
+                runs.append({"p50": percentile(lat, 50), "p90": percentile(lat, 90),
+                             "p99": percentile(lat, 99), "max": max(lat),
+                             "mean": statistics.fmean(lat)})
+                log(f"dispatch run {i + 1}: p50 {runs[-1]['p50']:.2f} ms p99 {runs[-1]['p99']:.2f} ms")
+            out["dispatch"] = {k: spread([r[k] for r in runs]) for k in runs[0]}
+            out["dispatch"]["probes"] = args.probes
 
         # Orchestration throughput: N jobs committed, then published at once; one worker process
         # (prefork, concurrency 1: the consumer and its one pool child) drains them.
         pgid = stack.procs["worker_trivial"].pid
         tp = []
-        for i in range(args.runs + 2):  # a warm-up, the runs, a profiled run
+        for i in range(args.runs + 2 if "orchestration" in args.only else 0):
+            # a warm-up, the runs, a profiled run
             profiled = args.profile and i == args.runs + 1
             if i == args.runs + 1 and not profiled:
                 break
@@ -770,21 +802,25 @@ def service_worker(servers: Servers, workdir: Path, args: argparse.Namespace) ->
                        "cpu_ms_child": sum(v for p, v in per_job.items() if p != pgid)})
             log(f"orchestration run {i}: {tp[-1]['jobs_s']:.0f} jobs/s, "
                 f"{tp[-1]['cpu_ms']:.2f} ms CPU per job")
-        out["orchestration"] = {k: spread([r[k] for r in tp]) for k in tp[0]}
-        out["orchestration"]["jobs"] = args.jobs
+        if tp:
+            out["orchestration"] = {k: spread([r[k] for r in tp]) for k in tp[0]}
+            out["orchestration"]["jobs"] = args.jobs
         out["trivial_rss"] = _rss_of(stack, "worker_trivial")
         stack.kill("worker_trivial", signal.SIGTERM)
 
         # RSS with the procedural generator: the Procfile's workers after real jobs of each family.
-        stack.start("worker_sdxl", "worker_wan")
-        jobs = []
-        for job_type in ("sdxl_image_fast", "sdxl_image_high", "video_fast", "image_fast"):
-            req = submission.SubmitRequest(job_type=job_type, metadata={"prompt": f"rss {job_type}"})
-            job = submission.submit_job(db, user, req, max_attempts=3).job
-            publish_job(job.id, job.job_type)
-            jobs.append(job.id)
-        wait_done(jobs, timeout=300, poll=0.2)
-        out["procedural_rss"] = {name: _rss_of(stack, name) for name in ("worker_sdxl", "worker_wan")}
+        if "rss" in args.only:
+            stack.start("worker_sdxl", "worker_wan")
+            jobs = []
+            for job_type in ("sdxl_image_fast", "sdxl_image_high", "video_fast", "image_fast"):
+                req = submission.SubmitRequest(job_type=job_type,
+                                               metadata={"prompt": f"rss {job_type}"})
+                job = submission.submit_job(db, user, req, max_attempts=3).job
+                publish_job(job.id, job.job_type)
+                jobs.append(job.id)
+            wait_done(jobs, timeout=300, poll=0.2)
+            out["procedural_rss"] = {name: _rss_of(stack, name)
+                                     for name in ("worker_sdxl", "worker_wan")}
         watch.close()
         db.dispose()
     return out
@@ -1112,6 +1148,10 @@ def main() -> int:
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--no-write", dest="write", action="store_false",
                         help="print the section instead of writing bench/RESULTS.md")
+    parser.add_argument("--only", metavar="PHASES", type=_phases, default=set(PHASES),
+                        help="comma list of phases to measure (" + ", ".join(PHASES) + "; default "
+                             "all); a partial run prints its figures and writes "
+                             "var/bench/last-partial.json, never bench/RESULTS.md")
     parser.add_argument("--rerender", metavar="JSON",
                         help="measure nothing: rewrite the section from a saved var/bench/last.json")
     args = parser.parse_args()
@@ -1129,28 +1169,47 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
     log(f"work directory {workdir}")
     servers = Servers(workdir, args.pg)
+    only = args.only
+    partial = only != set(PHASES)
     res: dict[str, Any] = {"date": dt.date.today().isoformat(),
-                           "args": {k: v for k, v in vars(args).items() if k != "write"}}
+                           "args": {k: (sorted(v) if k == "only" else v)
+                                    for k, v in vars(args).items() if k != "write"}}
+    out = ROOT / "var" / "bench"
+    out.mkdir(parents=True, exist_ok=True)
     try:
         with watcher:
             res["machine"] = machine(servers)
             load = Load(workdir, args)
-            res["raw"] = watcher.phase_of("raw limits", lambda: {
-                "redis": redis_lpush(servers, args.runs),
-                "pg": pg_inserts(servers, args.runs, args.pg_seconds)})
-            res["flask"] = watcher.phase_of("hello-world and naive reference",
-                                            lambda: flask_apps(servers, load, workdir))
-            res["web"] = watcher.phase_of("queue-job and job-callback",
-                                          lambda: service_web(servers, load, workdir, args))
-            res["worker"] = watcher.phase_of("dispatch and worker",
-                                             lambda: service_worker(servers, workdir, args))
-            res["sse"] = watcher.phase_of("SSE", lambda: sse(args))
+            if "raw" in only:
+                res["raw"] = watcher.phase_of("raw limits", lambda: {
+                    "redis": redis_lpush(servers, args.runs),
+                    "pg": pg_inserts(servers, args.runs, args.pg_seconds)})
+            if "naive" in only:
+                res["flask"] = watcher.phase_of("hello-world and naive reference",
+                                                lambda: flask_apps(servers, load, workdir))
+            if only & {"queue-job", "callback"}:
+                res["web"] = watcher.phase_of("queue-job and job-callback",
+                                              lambda: service_web(servers, load, workdir, args))
+            if only & {"dispatch", "orchestration", "rss"}:
+                res["worker"] = watcher.phase_of("dispatch and worker",
+                                                 lambda: service_worker(servers, workdir, args))
+            if "sse" in only:
+                res["sse"] = watcher.phase_of("SSE", lambda: sse(args))
         res["interference"] = {phase: sorted(lines) for phase, lines in watcher.seen.items()}
         res["seconds"] = time.monotonic() - started
     finally:
         servers.stop()
-    out = ROOT / "var" / "bench"
-    out.mkdir(parents=True, exist_ok=True)
+        for old in out.glob("profile-*.txt"):
+            old.unlink()
+        for prof in workdir.glob("profile-*.txt"):
+            shutil.copy(prof, out / prof.name)
+    if partial:
+        (out / "last-partial.json").write_text(json.dumps(res, indent=1, default=str))
+        print(partial_summary(res))
+        log(f"partial run ({', '.join(p for p in PHASES if p in only)}; {res['seconds']:.0f} s): "
+            "bench/RESULTS.md untouched; raw figures in var/bench/last-partial.json")
+        shutil.rmtree(workdir, ignore_errors=True)
+        return 0
     (out / "last.json").write_text(json.dumps(res, indent=1, default=str))
     section = report(res, args)
     if args.write:
@@ -1160,6 +1219,42 @@ def main() -> int:
         print(section)
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def _phases(value: str) -> set[str]:
+    chosen = {p.strip() for p in value.split(",") if p.strip()}
+    unknown = chosen - set(PHASES)
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"unknown phase(s) {', '.join(sorted(unknown)) or '(none)'}; "
+                                         f"choose from {', '.join(PHASES)}")
+    return chosen
+
+
+def partial_summary(res: dict[str, Any]) -> str:
+    """The figures of a partial run, one line each: every median (min–max), and the
+    in-process cost of a request."""
+    lines: list[str] = []
+
+    def walk(path: str, node: Any) -> None:
+        if not isinstance(node, dict):
+            return
+        if "median" in node and "runs" in node:
+            lines.append(f"{path}: {node['median']:,.2f} ({node['min']:,.2f}–{node['max']:,.2f})")
+            return
+        if "wall_ms" in node and "sql_per_request" in node:
+            sql = ", ".join(f"{k} {v:.3g}" for k, v in node["sql_per_request"].items())
+            lines.append(f"{path}: {node['wall_ms']:.2f} ms wall, {node['cpu_ms']:.2f} ms CPU, "
+                         f"{node['sql_total_per_request']:.3g} SQL ({sql}), "
+                         f"{node['redis_total_per_request']:g} Redis, "
+                         f"{node['python_calls_per_request']:,.0f} Python calls")
+            return
+        for k, v in node.items():
+            if k in ("machine", "args", "profile", "worker_profile"):
+                continue
+            walk(f"{path}.{k}" if path else k, v)
+
+    walk("", res)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
