@@ -52,24 +52,26 @@ class Charge(NamedTuple):
 
 @functools.cache
 def _debit_statement(count_queued: bool, notify: bool) -> Any:
-    """The charging UPDATE, built once per shape; values are bound at execution
-    (``b_user``, ``b_amount``, ``b_now``, ``b_family``): no expression building per request."""
-    user = bindparam("b_user", type_=Profile.id.type)
-    active = (select(func.count()).select_from(Job)
-              .where(Job.user_id == user, Job.status.in_(_ACTIVE)).scalar_subquery())
+    """The charging UPDATE, built once per shape over the tables (plain Core: no ORM
+    bulk-update machinery); values are bound at execution (``b_user``, ``b_amount``,
+    ``b_now``, ``b_family``)."""
+    profiles, jobs = Profile.__table__.c, Job.__table__.c
+    user = bindparam("b_user", type_=profiles.id.type)
+    active = (select(func.count()).select_from(Job.__table__)
+              .where(jobs.user_id == user, jobs.status.in_(_ACTIVE)).scalar_subquery())
     queued: Any = literal(0)
     if count_queued:
-        queued = (select(func.count()).select_from(Job)
-                  .where(Job.family == bindparam("b_family", type_=Job.family.type),
-                         Job.status == JobStatus.QUEUED.value)
+        queued = (select(func.count()).select_from(Job.__table__)
+                  .where(jobs.family == bindparam("b_family", type_=jobs.family.type),
+                         jobs.status == JobStatus.QUEUED.value)
                   .scalar_subquery())
-    columns: list[Any] = [Profile.token_balance, active, queued]
+    columns: list[Any] = [profiles.token_balance, active, queued]
     if notify:
         columns.append(events.NOTIFY_USER)
-    amount = bindparam("b_amount", type_=Profile.token_balance.type)
-    return (update(Profile).where(Profile.id == user, Profile.token_balance >= amount)
-            .values(token_balance=Profile.token_balance - amount,
-                    updated_at=bindparam("b_now", type_=Profile.updated_at.type))
+    amount = bindparam("b_amount", type_=profiles.token_balance.type)
+    return (update(Profile.__table__).where(profiles.id == user, profiles.token_balance >= amount)
+            .values(token_balance=profiles.token_balance - amount,
+                    updated_at=bindparam("b_now", type_=profiles.updated_at.type))
             .returning(*columns))
 
 

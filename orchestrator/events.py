@@ -84,7 +84,7 @@ def announce_in(session: Session, user_id: str) -> Any | None:
 
 
 #: A column of a statement over ``profiles`` that NOTIFYs the row's user (see announce_in).
-NOTIFY_USER = func.pg_notify(CHANNEL, cast(Profile.id, String))
+NOTIFY_USER = func.pg_notify(CHANNEL, cast(Profile.__table__.c.id, String))
 
 
 def set_publisher(publish: Callable[[set[str]], None] | None) -> None:
