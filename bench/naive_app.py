@@ -57,9 +57,10 @@ def create_schema(url: str) -> None:
 def create_naive() -> Flask:
     from celery import Celery
 
-    # The service's pool settings (orchestrator.db.make_engine on PostgreSQL).
-    engine = create_engine(os.environ["NAIVE_DATABASE_URL"], pool_pre_ping=True, pool_size=5,
-                           max_overflow=10)
+    # The service's pool settings (a web process's, orchestrator.config DB_POOL_SIZE and
+    # DB_MAX_OVERFLOW defaults, on orchestrator.db.make_engine's pre-ping).
+    engine = create_engine(os.environ["NAIVE_DATABASE_URL"], pool_pre_ping=True, pool_size=10,
+                           max_overflow=20)
     sessions = sessionmaker(engine, expire_on_commit=False)
     celery = Celery("naive", broker=os.environ["NAIVE_BROKER_URL"])
     celery.conf.update(task_serializer="json", accept_content=["json"], task_ignore_result=True)

@@ -88,6 +88,11 @@ class Settings:
     reconcile_interval: float = 10.0
     publish_grace: float = 10.0
     reoffer_after: float = 900.0
+    #: Each web process's PostgreSQL pool: connections kept open, and extra ones
+    #: opened under bursts (and closed after). Above the requests one process
+    #: usually has in flight, or connections are opened and closed per request.
+    db_pool_size: int = 10
+    db_max_overflow: int = 20
     #: Celery "task-sent" events from the web (Flower's "sent" state): a Redis
     #: PUBLISH per submission; off by default (workers' events stay on).
     task_sent_events: bool = False
@@ -180,6 +185,8 @@ class Settings:
             publish_grace=_float(env, "PUBLISH_GRACE", 10.0),
             reoffer_after=_float(env, "REOFFER_AFTER", 900.0),
             task_sent_events=env.get("TASK_SENT_EVENTS", "") == "1",
+            db_pool_size=_int(env, "DB_POOL_SIZE", 10),
+            db_max_overflow=_int(env, "DB_MAX_OVERFLOW", 20),
             max_queue_wait=_float(env, "MAX_QUEUE_WAIT", 6 * 3600.0),
             faults=env.get("ORCHESTRATOR_FAULTS", "") == "1",
             external_families=frozenset(_list(env, "EXTERNAL_FAMILIES")),

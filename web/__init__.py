@@ -33,7 +33,8 @@ def create_app(settings: Settings | None = None, *, publisher: Publisher | None 
 
         publisher = publish_job
     settings.storage_root.mkdir(parents=True, exist_ok=True)
-    database = Database(settings.database_url)
+    database = Database(settings.database_url, pool_size=settings.db_pool_size,
+                        max_overflow=settings.db_max_overflow)
     app.extensions["orchestrator"] = Services(
         settings=settings,
         db=database,
