@@ -6,15 +6,23 @@ BIN    := $(VENV)/bin
 PORT   ?= 8000
 export PORT
 
-.PHONY: run test venv migrate demo bench clean
+.PHONY: run test venv venv-models migrate demo bench clean
 
+# Two stamps: the service and its dev tools (`make run` needs no more), then the `models`
+# extra (torch, diffusers, transformers: the model-backend tests) on top for `make test`.
 $(BIN)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(BIN)/.installed-models: $(BIN)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[dev,models]'
 	touch $@
 
 venv: $(BIN)/.installed
+
+venv-models: $(BIN)/.installed-models
 
 migrate: venv
 	$(BIN)/orchestrator db upgrade
@@ -32,7 +40,7 @@ $(CHROMIUM):
 	  || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
 
 ## test: the whole suite (needs PostgreSQL and Redis on 127.0.0.1; .ci/run starts them).
-test: venv $(CHROMIUM)
+test: venv-models $(CHROMIUM)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## demo: against a running service on $(PORT): a fresh user submits every job type
