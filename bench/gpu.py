@@ -1,7 +1,7 @@
 """Times the model backends at the job types' real sizes: seconds per job and peak memory.
 
     python -m bench.gpu                      # random weights of the real architectures
-    SDXL_MODEL_PATH=... WAN_MODEL_PATH=... ENHANCER_MODEL_PATH=... python -m bench.gpu
+    SDXL_MODEL_PATH=... [SDXL_CONFIG_PATH=...] WAN_MODEL_PATH=... ENHANCER_MODEL_PATH=... python -m bench.gpu
     python -m bench.gpu --tiny --steps 2     # the tests' tiny models: checks the bench runs (CPU)
 
 Real weights are used for each family whose ``*_MODEL_PATH`` is set; otherwise
@@ -124,7 +124,10 @@ def _backend(family: str, args: argparse.Namespace, tmp: Path) -> tuple[Any, str
         path = getattr(tiny_models, family)(tmp / family)
         return cls(path, device=args.device, max_steps=args.steps), "tiny random"
     if env:
-        return cls(Path(env), device=args.device, max_steps=args.steps), f"weights {Path(env).name}"
+        config = os.environ.get("SDXL_CONFIG_PATH") if family == "sdxl" else None
+        extra = {"config_path": Path(config)} if config else {}  # a single-file checkpoint's configs
+        return (cls(Path(env), device=args.device, max_steps=args.steps, **extra),
+                f"weights {Path(env).name}")
 
     build = _random_sdxl if family == "sdxl" else _random_wan
 

@@ -121,6 +121,9 @@ class Settings:
     #: Model backends per family (README "GPU workers"); procedural/rules need no weights.
     sdxl_backend: str = "procedural"
     sdxl_model_path: Path | None = None
+    #: For a single-file SDXL checkpoint: a diffusers SDXL folder's configs and tokenizers
+    #: (model_index.json and the component folders; no weights needed).
+    sdxl_config_path: Path | None = None
     wan_backend: str = "procedural"
     wan_model_path: Path | None = None
     enhancer_backend: str = "rules"
@@ -203,6 +206,7 @@ class Settings:
             metrics_token=env.get("METRICS_TOKEN") or None,
             sdxl_backend=_choice(env, "SDXL_BACKEND", ("procedural", "diffusers")),
             sdxl_model_path=_model_path(env, "SDXL_MODEL_PATH"),
+            sdxl_config_path=_model_path(env, "SDXL_CONFIG_PATH"),
             wan_backend=_choice(env, "WAN_BACKEND", ("procedural", "diffusers")),
             wan_model_path=_model_path(env, "WAN_MODEL_PATH"),
             enhancer_backend=_choice(env, "ENHANCER_BACKEND", ("rules", "transformers")),
@@ -304,6 +308,18 @@ def _check_models(settings: Settings) -> None:
             (settings.enhancer_backend, settings.enhancer_model_path, "ENHANCER_MODEL_PATH", "rules")):
         if backend != default and path is None:
             raise ConfigurationError(f"{var} must be set when the backend is {backend!r}")
+    if settings.sdxl_backend == "diffusers" and settings.sdxl_model_path is not None \
+            and settings.sdxl_model_path.is_file():
+        config = settings.sdxl_config_path
+        if config is None:
+            raise ConfigurationError(
+                "SDXL_CONFIG_PATH must be set when SDXL_MODEL_PATH is a single-file checkpoint: "
+                "a diffusers SDXL folder with model_index.json, the component configs and the "
+                "tokenizers (no weights needed); nothing is downloaded")
+        index = config / "model_index.json"
+        if not index.is_file() or not os.access(index, os.R_OK):
+            raise ConfigurationError(f"SDXL_CONFIG_PATH: {str(config)!r} is not a diffusers folder "
+                                     "(no readable model_index.json)")
     if settings.wan_model_path is not None and settings.wan_backend == "diffusers" \
             and not settings.wan_model_path.is_dir():
         raise ConfigurationError("WAN_MODEL_PATH must be a diffusers folder (model_index.json)")

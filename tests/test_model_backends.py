@@ -2,13 +2,16 @@
 
 The models are built here (tests/tiny_models.py) from small configs of the
 real architectures and saved as the loaders read them; the workers load them
-at process start from the env vars, as a GPU box would. ``MODEL_MAX_STEPS``
-caps the denoising steps (a CPU has no time for 15-50 steps), never the sizes:
-images have the job type's exact size.
+at process start from the env vars, as a GPU box would. The SDXL worker loads
+the single-file checkpoint (the old workers' format); one test restarts it on
+the diffusers folder. ``MODEL_MAX_STEPS`` caps the denoising steps (a CPU has no
+time for 15-50 steps), never the sizes: images and videos have the job type's
+exact size and length.
 """
 from __future__ import annotations
 
 import io
+import signal
 import time
 from pathlib import Path
 from typing import Iterator
@@ -34,26 +37,33 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-models")
-    return {"sdxl": tiny_models.sdxl(root / "sdxl"), "wan": tiny_models.wan(root / "wan"),
+    sdxl = tiny_models.sdxl(root / "sdxl")
+    ckpt, config = tiny_models.sdxl_single_file(sdxl, root / "sdxl-tiny.safetensors", root / "sdxl-config")
+    return {"sdxl": sdxl, "sdxl_file": ckpt, "sdxl_config": config, "wan": tiny_models.wan(root / "wan"),
             "lm": tiny_models.causal_lm(root / "lm")}
+
+
+def _wait_model_ready(stack: Stack, *workers: str, timeout: float = 90) -> None:
+    """The pool's children load the models after the worker says "ready"."""
+    deadline = time.monotonic() + timeout
+    while not all("model ready:" in (stack.logs / f"{w}.log").read_text(errors="replace")
+                  .rsplit("=== start", 1)[-1] for w in workers):
+        assert time.monotonic() < deadline, "".join(stack.log_tail(w) for w in workers)
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
 def stack(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     st = make_stack("postgres-redis", tmp_path_factory.mktemp("models-stack"),
-                    ("web", "worker_sdxl", "worker_wan"), redis_db=13,
-                    SDXL_BACKEND="diffusers", SDXL_MODEL_PATH=str(models["sdxl"]),
+                    ("web", "worker_sdxl", "worker_wan"), redis_db=14,  # no other module flushes it
+                    SDXL_BACKEND="diffusers", SDXL_MODEL_PATH=str(models["sdxl_file"]),
+                    SDXL_CONFIG_PATH=str(models["sdxl_config"]),
                     WAN_BACKEND="diffusers", WAN_MODEL_PATH=str(models["wan"]),
                     ENHANCER_BACKEND="transformers", ENHANCER_MODEL_PATH=str(models["lm"]),
                     ENHANCER_MAX_NEW_TOKENS="12", MODEL_DEVICE="cpu", MODEL_MAX_STEPS="3",
                     LEASE_SECONDS="4", OMP_NUM_THREADS="1")
     with st.running():
-        # The pool's children load the models after the worker says "ready".
-        deadline = time.monotonic() + 90
-        while not all("model ready:" in (st.logs / f"{w}.log").read_text(errors="replace")
-                      for w in ("worker_sdxl", "worker_wan")):
-            assert time.monotonic() < deadline, st.log_tail("worker_sdxl") + st.log_tail("worker_wan")
-            time.sleep(0.2)
+        _wait_model_ready(st, "worker_sdxl", "worker_wan")
         yield st
 
 
@@ -76,6 +86,7 @@ def _events(stack: Stack, headers: dict[str, str], job_id: str) -> list[str]:
 def test_workers_load_models_once_at_start_and_report_them(stack: Stack) -> None:
     sdxl_log, wan_log = stack.log_tail("worker_sdxl"), stack.log_tail("worker_wan")
     assert "model ready:" in sdxl_log and "'family': 'sdxl'" in sdxl_log and "'device': 'cpu'" in sdxl_log
+    assert "sdxl-tiny.safetensors'" in sdxl_log  # the single-file checkpoint
     assert "'family': 'wan'" in wan_log and "'family': 'enhancer'" in wan_log
     assert "'family': 'wan'" not in sdxl_log  # each worker loads its own family only
     text = requests.get(f"{stack.base_url}/metrics", timeout=10).text
@@ -112,6 +123,29 @@ def test_sdxl_job_uses_size_batch_seeds_negative_prompt_and_reports_progress(sta
     assert events.count("job.progress") >= 2 and "job.completed" in events, events
 
 
+def test_sdxl_diffusers_folder_through_a_worker(stack: Stack, models: dict[str, Path]) -> None:
+    """The other SDXL format: the worker restarted on the diffusers folder (then back)."""
+    def restart(**env: str) -> None:
+        stack.kill("worker_sdxl", signal.SIGTERM)
+        stack.env.update(env)
+        stack.start("worker_sdxl")
+        _wait_model_ready(stack, "worker_sdxl")
+
+    restart(SDXL_MODEL_PATH=str(models["sdxl"]), SDXL_CONFIG_PATH="")
+    try:
+        assert f"'model': '{models['sdxl']}'" in stack.log_tail("worker_sdxl")
+        _, headers = stack.user()
+        job_id = stack.submit(headers, "sdxl_image_fast", prompt="a blue sea", num_images=1,
+                              seed=99).json()["job"]["id"]
+        job = stack.wait_for(headers, [job_id], timeout=120)[job_id]
+        assert job["status"] == "completed", job
+        img = Image.open(io.BytesIO(requests.get(job["assets"][0]["url"], timeout=10).content))
+        assert (img.format, img.size) == ("PNG", (1024, 1024))
+        assert _result(stack, job_id)["seeds"] == [99]
+    finally:
+        restart(SDXL_MODEL_PATH=str(models["sdxl_file"]), SDXL_CONFIG_PATH=str(models["sdxl_config"]))
+
+
 def test_sdxl_cancel_stops_a_running_job(stack: Stack) -> None:
     _, headers = stack.user()
     job_id = stack.submit(headers, "sdxl_image_high", prompt="a cat", num_images=6).json()["job"]["id"]
@@ -143,10 +177,9 @@ def test_wan_image_with_language_model_enhancer(stack: Stack) -> None:
     assert enhanced["enhanced_prompt"]
 
 
-# 83 frames at 480x832 take 2-3 min on 2 CPU cores (the tiny WAN VAE's decode): not in the
-# default run (setup.cfg deselects `slow`); `make test PYTEST_ARGS="-m slow"` runs it.
-@pytest.mark.slow
 def test_wan_video_job_has_the_exact_shape(stack: Stack) -> None:
+    """The real length and size: 83 frames at 480x832 (85 made), H.264 at 16 fps. About 25 s
+    on one CPU core, nearly all of it the tiny VAE decoding 85 full-size frames."""
     from tests.helpers import mp4_info
 
     _, headers = stack.user()
@@ -160,8 +193,8 @@ def test_wan_video_job_has_the_exact_shape(stack: Stack) -> None:
 
 
 def test_wan_video_frames_trimmed_to_request_and_encoded(models: dict[str, Path]) -> None:
-    """In process (the real 83 frames at 480x832 take ~90 s on two CPU cores; see README):
-    WAN makes 4n+1 frames, so 6 asked are made as 9 and cut to 6, then H.264 at 16 fps."""
+    """In process, at a small size: WAN makes 4n+1 frames, so 6 asked are made as 9 and cut
+    to 6, then H.264 at 16 fps; a cancel leaves the pipeline between steps."""
     from tasks.generators.diffusion import WanGenerator
     from tests.helpers import mp4_info
 
@@ -205,10 +238,28 @@ def test_sdxl_out_of_memory_fails_the_job_clearly(models: dict[str, Path], monke
         gen.generate(spec, lambda s, n: None)
 
 
+def test_sdxl_single_file_loads_the_folders_weights(models: dict[str, Path]) -> None:
+    """The original-layout checkpoint, converted back by diffusers with the config folder
+    (which has no weights), gives every component exactly the diffusers folder's weights."""
+    from tasks.generators.diffusion import SDXLGenerator
+
+    assert not list(models["sdxl_config"].rglob("*.safetensors"))
+    folder = SDXLGenerator(models["sdxl"], device="cpu").pipe
+    single = SDXLGenerator(models["sdxl_file"], config_path=models["sdxl_config"], device="cpu").pipe
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        want, got = getattr(folder, name).state_dict(), getattr(single, name).state_dict()
+        assert want.keys() == got.keys(), name
+        assert all(torch.equal(want[k], got[k]) for k in want), name
+    assert dict(single.scheduler.config) == dict(folder.scheduler.config)
+    assert single.tokenizer_2("a red kite").input_ids == folder.tokenizer_2("a red kite").input_ids
+
+
 def test_sdxl_single_file_path_is_detected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A file path goes to ``from_single_file`` (offline), a folder to ``from_pretrained``."""
+    """A file path goes to ``from_single_file`` (offline, with the local configs), a folder to
+    ``from_pretrained``; a file without configs is refused before diffusers could look online."""
     import diffusers
 
+    from orchestrator.errors import GenerationError
     from tasks.generators.diffusion import SDXLGenerator
 
     calls: list[tuple[str, dict]] = []
@@ -223,9 +274,18 @@ def test_sdxl_single_file_path_is_detected(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(diffusers.StableDiffusionXLPipeline, "from_single_file", single)
     ckpt = tmp_path / "model.safetensors"
     ckpt.write_bytes(b"0")
-    with pytest.raises(Loaded):
+    config = tmp_path / "sdxl-config"
+    with pytest.raises(GenerationError, match="SDXL_CONFIG_PATH"):
         SDXLGenerator(ckpt, device="cpu")
-    assert calls == [(str(ckpt), {"torch_dtype": torch.float32, "local_files_only": True})]
+    config.mkdir()
+    with pytest.raises(GenerationError, match="SDXL_CONFIG_PATH"):
+        SDXLGenerator(ckpt, config_path=config, device="cpu")  # no model_index.json
+    assert calls == []
+    (config / "model_index.json").write_text("{}")
+    with pytest.raises(Loaded):
+        SDXLGenerator(ckpt, config_path=config, device="cpu")
+    assert calls == [(str(ckpt), {"config": str(config), "torch_dtype": torch.float32,
+                                  "local_files_only": True})]
 
 
 def test_enhancer_failure_keeps_prompt_and_says_why(models: dict[str, Path]) -> None:
@@ -253,4 +313,24 @@ def test_model_settings_are_validated(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="MODEL_DEVICE"):
         Settings.from_env({"MODEL_DEVICE": "tpu"})
     s = Settings.from_env({"SDXL_BACKEND": "diffusers", "SDXL_MODEL_PATH": str(tmp_path)})
-    assert s.sdxl_model_path == tmp_path
+    assert s.sdxl_model_path == tmp_path and s.sdxl_config_path is None  # a folder holds its configs
+
+
+def test_single_file_sdxl_needs_a_local_config_folder(tmp_path: Path) -> None:
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"0")
+    config = tmp_path / "config"
+    single = {"SDXL_BACKEND": "diffusers", "SDXL_MODEL_PATH": str(ckpt)}
+    with pytest.raises(ConfigurationError, match="SDXL_CONFIG_PATH must be set when SDXL_MODEL_PATH "
+                                                 "is a single-file checkpoint"):
+        Settings.from_env(single)
+    with pytest.raises(ConfigurationError, match="SDXL_CONFIG_PATH: .* does not exist"):
+        Settings.from_env({**single, "SDXL_CONFIG_PATH": str(config)})
+    config.mkdir()
+    with pytest.raises(ConfigurationError, match="SDXL_CONFIG_PATH: .*no readable model_index.json"):
+        Settings.from_env({**single, "SDXL_CONFIG_PATH": str(config)})
+    (config / "model_index.json").write_text("{}")
+    s = Settings.from_env({**single, "SDXL_CONFIG_PATH": str(config)})
+    assert (s.sdxl_model_path, s.sdxl_config_path) == (ckpt, config)
+    # procedural ignores the model settings' shapes (it loads nothing)
+    assert Settings.from_env({"SDXL_MODEL_PATH": str(ckpt)}).sdxl_backend == "procedural"

@@ -23,9 +23,11 @@ def get_generator(family: Family, settings: Settings) -> Generator:
             raise ConfigurationError(
                 f"{family.value.upper()}_BACKEND=diffusers needs the 'models' extra "
                 f"(pip install -e '.[models]'): {e}") from e
-        cls = SDXLGenerator if family is Family.SDXL else WanGenerator
-        return cls(path, device=settings.model_device, dtype=settings.model_dtype,
-                   max_steps=settings.model_max_steps)
+        device, dtype, max_steps = settings.model_device, settings.model_dtype, settings.model_max_steps
+        if family is Family.SDXL:
+            return SDXLGenerator(path, config_path=settings.sdxl_config_path, device=device,
+                                 dtype=dtype, max_steps=max_steps)
+        return WanGenerator(path, device=device, dtype=dtype, max_steps=max_steps)
     from tasks.generators.procedural import ProceduralGenerator
 
     return ProceduralGenerator()

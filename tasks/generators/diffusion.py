@@ -1,11 +1,11 @@
 """Model backends behind the :class:`~tasks.generators.base.Generator` protocol.
 
 ``SDXL_BACKEND=diffusers`` runs :class:`SDXLGenerator` (a StableDiffusionXLPipeline
-from a single-file checkpoint or a diffusers folder); ``WAN_BACKEND=diffusers``
-runs :class:`WanGenerator` (WanPipeline with AutoencoderKLWan in float32 and
-the UniPC scheduler at the job type's flow shift). Both load once per worker
-process, from local paths only (``HF_HUB_OFFLINE=1``, ``local_files_only``),
-and stay warm.
+from a single-file checkpoint with the configs in ``SDXL_CONFIG_PATH``, or from a
+diffusers folder); ``WAN_BACKEND=diffusers`` runs :class:`WanGenerator` (WanPipeline
+with AutoencoderKLWan in float32 and the UniPC scheduler at the job type's flow
+shift). Both load once per worker process, from local paths only
+(``HF_HUB_OFFLINE=1``, ``local_files_only``), and stay warm.
 
 torch and diffusers are imported here only, inside the functions that need
 them: a service installed without the ``models`` extra never imports them.
@@ -49,7 +49,12 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _to_uint8(images: Any) -> np.ndarray:
-    return (np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+    """[0, 1] floats to bytes: one new float array, scaled, clipped and rounded in place (an
+    83-frame 480x832 video is 100 M values: each temporary would cost 400 MB)."""
+    out = np.multiply(np.asarray(images, dtype=np.float32), 255.0)
+    np.clip(out, 0.0, 255.0, out=out)
+    out += 0.5
+    return out.astype(np.uint8)
 
 
 class _Backend:
@@ -147,9 +152,14 @@ class _Backend:
 
 
 class SDXLGenerator(_Backend):
-    """SDXL through diffusers: a single-file checkpoint or a diffusers folder."""
+    """SDXL through diffusers: a single-file checkpoint (with ``config_path``, a diffusers
+    SDXL folder's configs and tokenizers, no weights needed) or a diffusers folder."""
 
     family = "sdxl"
+
+    def __init__(self, model_path: Path, *, config_path: Path | None = None, **kwargs: Any) -> None:
+        self.config_path = Path(config_path) if config_path is not None else None
+        super().__init__(model_path, **kwargs)
 
     def _load(self) -> Any:
         from diffusers import StableDiffusionXLPipeline
@@ -157,8 +167,15 @@ class SDXLGenerator(_Backend):
         path = self.model_path
         if path.is_file():
             # An original-format (A1111/ComfyUI) checkpoint; diffusers converts it on load.
+            # Its configs come from config_path: without one diffusers would look for SDXL
+            # base's on the Hugging Face Hub.
+            if self.config_path is None or not (self.config_path / "model_index.json").is_file():
+                raise GenerationError(
+                    f"{path} is a single-file checkpoint: SDXL_CONFIG_PATH must name a diffusers "
+                    "SDXL folder with its configs and tokenizers (model_index.json)")
             pipe = StableDiffusionXLPipeline.from_single_file(
-                str(path), torch_dtype=self.dtype, local_files_only=True)
+                str(path), config=str(self.config_path), torch_dtype=self.dtype,
+                local_files_only=True)
         else:
             pipe = StableDiffusionXLPipeline.from_pretrained(
                 str(path), torch_dtype=self.dtype, local_files_only=True)
@@ -235,7 +252,7 @@ class WanGenerator(_Backend):
             num_inference_steps=steps, guidance_scale=spec.guidance,
             generator=self._generators([spec.seed])[0], output_type="np",
             callback_on_step_end=self._step_callback(progress, steps))
-        frames = _to_uint8(out.frames[0])[: spec.frames]  # (frames, H, W, 3)
+        frames = _to_uint8(out.frames[0][: spec.frames])  # (frames, H, W, 3)
         meta = self._metadata(spec, [spec.seed], steps)
         meta.update(sample_solver="unipc", sample_shift=self.flow_shift,
                     negative_prompt=spec.negative_prompt or None)
