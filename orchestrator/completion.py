@@ -2,20 +2,32 @@
 
 Two doors lead here: Celery signals (in-house workers) and the HTTP callback
 (external workers). Each function is one transaction that starts with a CAS
-``UPDATE jobs … WHERE id = :id AND status IN (…) [AND attempts = :attempt]``;
-when the guard is closed (a duplicate delivery, a late callback, a stale
-attempt) nothing changes and the current row is returned. The transaction that
-wins a terminal transition is the only one that touches the asset row and the
-only one that refunds, so each happens once.
+``UPDATE jobs … WHERE id = :id AND status IN (…) [AND attempts = :attempt]
+RETURNING *``; when the guard is closed (a duplicate delivery, a late
+callback, a stale attempt) nothing changes and the current row is returned.
+The transaction that wins a terminal transition is the only one that touches
+the asset row and the only one that refunds, so each happens once.
+
+The statements are SQLAlchemy Core over the tables, built once per shape with
+their values bound at execution (no ORM unit of work, no expression building or
+cache-key generation per call): a transition is its CAS ``UPDATE … RETURNING``,
+the asset's ``UPDATE … RETURNING`` (JSON metadata merged by the database, so
+nothing is read first), the events (:func:`orchestrator.events.write`: the
+user's lock and NOTIFY, then one INSERT) and the COMMIT. The rows come back as
+detached :class:`Job`/:class:`Image`/:class:`Video` instances.
 """
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
-from sqlalchemy import and_, case, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import String, and_, bindparam, case, cast, func, literal, literal_column, or_, select, update
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Session, configure_mappers
+from sqlalchemy.orm.base import manager_of_class
 
 from orchestrator import credits, events, metrics
 from orchestrator.db import Database
@@ -26,6 +38,12 @@ from orchestrator.status import ASSET_STATUS_FOR, JobStatus, sources_of
 
 TITLE_CHARS = 60
 ERROR_CHARS = 2000
+
+#: The tables; guards passed to these functions are expressions over ``JOBS.c``.
+JOBS = Job.__table__
+_IMAGES = Image.__table__
+_VIDEOS = Video.__table__
+_QUEUED, _PROCESSING = JobStatus.QUEUED.value, JobStatus.PROCESSING.value
 
 
 @dataclass(frozen=True)
@@ -47,68 +65,178 @@ class Transition:
     changed: bool
 
 
-def _cas(session: Session, job_id: str, sources: tuple[str, ...], attempt: int | None,
-         *guards: Any, **values: Any) -> Job | None:
-    stmt = update(Job).where(Job.id == job_id, Job.status.in_(sources), *guards)
-    if attempt is not None:
-        stmt = stmt.where(Job.attempts == attempt)
-    stmt = stmt.values(updated_at=utcnow(), **values).returning(Job)
-    return session.execute(stmt.execution_options(
-        synchronize_session=False, populate_existing=True)).scalar_one_or_none()
+# --- rows as detached instances ------------------------------------------------------------
+def _loader(cls: type, table: Any) -> Any:
+    """Row → instance, filled like a loaded one (no constructor, no change tracking). The
+    mappers must be configured first: reading an attribute needs its instrumentation."""
+    configure_mappers()
+    manager = manager_of_class(cls)
+    attrs = tuple(cls.__mapper__.get_property_by_column(c).key for c in table.c)  # type: ignore[attr-defined]
+
+    def load(row: Any) -> Any:
+        obj = manager.new_instance()
+        obj.__dict__.update(zip(attrs, row))
+        return obj
+
+    return load
+
+
+_job_of = _loader(Job, JOBS)
+_image_of = _loader(Image, _IMAGES)
+_video_of = _loader(Video, _VIDEOS)
+
+
+def _b(name: str, column: Any) -> Any:
+    """A bound value of ``column``'s type, named ``b_<name>``."""
+    return bindparam(f"b_{name}", type_=column.type)
+
+
+def _status_is(*statuses: str) -> Any:
+    c = JOBS.c.status
+    return c == statuses[0] if len(statuses) == 1 else or_(*(c == s for s in statuses))
+
+
+def _job_update(where: Iterable[Any], fenced: bool, values: dict[str, Any]) -> Any:
+    """``UPDATE jobs SET … WHERE id = :b_id AND … [AND attempts = :b_attempt] RETURNING *``."""
+    conditions = [JOBS.c.id == _b("id", JOBS.c.id), *where]
+    if fenced:
+        conditions.append(JOBS.c.attempts == _b("attempt", JOBS.c.attempts))
+    return (update(JOBS).where(*conditions)
+            .values(updated_at=_b("now", JOBS.c.updated_at), **values).returning(*JOBS.c))
+
+
+def _run(session: Session, stmt: Any, params: dict[str, Any]) -> Job | None:
+    row = session.execute(stmt, params).first()
+    return None if row is None else _job_of(row)
+
+
+@functools.cache
+def _select_job() -> Any:
+    return select(*JOBS.c).where(JOBS.c.id == _b("id", JOBS.c.id))
+
+
+def _current(session: Session, job_id: str) -> Job | None:
+    row = session.execute(_select_job(), {"b_id": job_id}).first()
+    return None if row is None else _job_of(row)
 
 
 def _load(session: Session, job_id: str) -> Job:
-    job = session.get(Job, job_id)
+    job = _current(session, job_id)
     if job is None:
         raise NotFound("Job not found")
     return job
 
 
-def _asset(session: Session, job: Job) -> Image | Video | None:
-    if job.video_id:
-        return session.get(Video, job.video_id)
-    if job.image_id:
-        return session.get(Image, job.image_id)
-    return None
+def _cas(session: Session, job_id: str, sources: tuple[str, ...], attempt: int | None,
+         *guards: Any, **values: Any) -> Job | None:
+    """A one-off CAS (the less travelled transitions): built per call."""
+    stmt = _job_update((_status_is(*sources), *guards), attempt is not None, values)
+    params: dict[str, Any] = {"b_id": job_id, "b_now": utcnow()}
+    if attempt is not None:
+        params["b_attempt"] = attempt
+    return _run(session, stmt, params)
 
 
-def _sync_asset(session: Session, job: Job, outcome: Outcome | None = None) -> Image | Video | None:
-    """Mirror the job's status onto its image/video row (CONTRACT §5)."""
-    asset = _asset(session, job)
-    if asset is None:
+# --- JSON merged by the database -----------------------------------------------------------
+def _dialect(session: Session) -> str:
+    return session.get_bind().dialect.name
+
+
+def _merge(dialect: str, column: Any, keys: tuple[str, ...], prefix: str) -> Any:
+    """``column`` with top-level ``keys`` set (``dict.update``), values bound at execution
+    (see :func:`_merge_params`)."""
+    if dialect == "postgresql":
+        return func.coalesce(column, cast(literal("{}"), JSONB)).op("||", return_type=JSONB)(
+            bindparam(f"{prefix}patch", type_=JSONB))
+    args: list[Any] = [func.coalesce(column, literal("{}"))]
+    for i, key in enumerate(keys):
+        args += [literal('$."' + key.replace('"', '""') + '"'),
+                 func.json(bindparam(f"{prefix}{i}", type_=String))]
+    return func.json_set(*args)
+
+
+def _merge_params(dialect: str, patch: dict[str, Any], prefix: str) -> dict[str, Any]:
+    if dialect == "postgresql":
+        return {f"{prefix}patch": patch}
+    return {f"{prefix}{i}": json.dumps(v) for i, v in enumerate(patch.values())}
+
+
+def _with_bucket(dialect: str) -> Any:
+    """The job's ``result`` with ``bucket`` set to its job type (the bound JSON has the key)."""
+    if dialect == "postgresql":
+        return func.jsonb_set(bindparam("b_result", type_=JSONB), literal_column("'{bucket}'"),
+                              func.to_jsonb(JOBS.c.job_type))
+    return func.json_set(bindparam("b_result", type_=String), literal("$.bucket"), JOBS.c.job_type)
+
+
+# --- the asset row -------------------------------------------------------------------------
+@functools.cache
+def _asset_update(dialect: str, video: bool, names: tuple[str, ...], patch: tuple[str, ...]) -> Any:
+    table = _VIDEOS if video else _IMAGES
+    values = {n: _b(n, table.c[n]) for n in names}
+    if patch:
+        values["metadata"] = _merge(dialect, table.c["metadata"], patch, "m_")
+    return (update(table).where(table.c.id == _b("id", table.c.id)).values(values)
+            .returning(*table.c))
+
+
+def _sync_asset(session: Session, job: Job, outcome: Outcome | None = None,
+                now: dt.datetime | None = None) -> Image | Video | None:
+    """Mirror the job's status onto its image/video row (CONTRACT §5): one
+    ``UPDATE … RETURNING``; the row it wrote, or None when the job has none."""
+    video = job.video_id is not None
+    asset_id = job.video_id or job.image_id
+    if asset_id is None:
         return None
     status = JobStatus(job.status)
-    now = utcnow()
-    asset.status = ASSET_STATUS_FOR[status].value
-    asset.updated_at = now
+    values: dict[str, Any] = {"status": ASSET_STATUS_FOR[status].value, "updated_at": now or utcnow()}
     if job.enhanced_prompt:
-        asset.enhanced_prompt = job.enhanced_prompt
-    meta = dict(asset.metadata_ or {})
+        values["enhanced_prompt"] = job.enhanced_prompt
+    patch: dict[str, Any] = {}
     if status is JobStatus.COMPLETED and outcome is not None:
         first = outcome.assets[0]
-        asset.title = job.prompt[:TITLE_CHARS]
-        asset.completed_at = now
-        if isinstance(asset, Image):
-            asset.image_url = first
-            asset.image_urls = list(outcome.assets) if len(outcome.assets) > 1 else None
-            asset.thumbnail_url = outcome.thumbnail or first
+        values["title"] = job.prompt[:TITLE_CHARS]
+        values["completed_at"] = values["updated_at"]
+        if video:
+            values["video_url"] = first
+            values["thumbnail_url"] = outcome.thumbnail
         else:
-            asset.video_url = first
-            asset.thumbnail_url = outcome.thumbnail
-            asset.completed_at = now
-        meta.update({k: v for k, v in outcome.metadata.items() if k in ("seeds", "generator")})
+            values["image_url"] = first
+            values["image_urls"] = list(outcome.assets) if len(outcome.assets) > 1 else None
+            values["thumbnail_url"] = outcome.thumbnail or first
+        patch = {k: v for k, v in outcome.metadata.items() if k in ("seeds", "generator")}
     elif status.is_terminal:
-        meta["error"] = job.error_message
-    asset.metadata_ = meta
-    return asset
+        patch = {"error": job.error_message}
+    dialect = _dialect(session)
+    stmt = _asset_update(dialect, video, tuple(values), tuple(patch))
+    params = {f"b_{k}": v for k, v in values.items()}
+    params["b_id"] = asset_id
+    if patch:
+        params.update(_merge_params(dialect, patch, "m_"))
+    row = session.execute(stmt, params).first()
+    if row is None:
+        return None
+    return _video_of(row) if video else _image_of(row)
 
 
 def _emit(session: Session, job: Job, asset: Image | Video | None, kind: str | None = None) -> None:
-    session.flush()
     evs = [events.job_event(job, kind)]
     if asset is not None:
         evs.append(events.asset_event(asset, job.id))
-    events.append(session, *evs)
+    events.write(session, *evs)
+
+
+# --- transitions ---------------------------------------------------------------------------
+@functools.cache
+def _claim() -> Any:
+    """``queued → processing`` (or a dead worker's expired lease), next attempt, a lease."""
+    now = _b("now", JOBS.c.started_at)
+    claimable = or_(JOBS.c.status == _QUEUED,
+                    and_(JOBS.c.status == _PROCESSING, JOBS.c.lease_expires_at < now))
+    return _job_update((claimable, JOBS.c.attempts < JOBS.c.max_attempts), False, dict(
+        status=_PROCESSING, attempts=JOBS.c.attempts + 1, progress=0, started_at=now,
+        lease_owner=_b("owner", JOBS.c.lease_owner), error_message=None,
+        lease_expires_at=_b("lease", JOBS.c.lease_expires_at)))
 
 
 def start_job(db: Database, job_id: str, *, worker: str, lease_seconds: int) -> Job | None:
@@ -120,24 +248,19 @@ def start_job(db: Database, job_id: str, *, worker: str, lease_seconds: int) -> 
     elsewhere, finished, cancelled) or out of attempts: do no work.
     """
     now = utcnow()
-    claimable = or_(Job.status == JobStatus.QUEUED.value,
-                    and_(Job.status == JobStatus.PROCESSING.value, Job.lease_expires_at < now))
     with db.transaction() as session:
-        job = _cas(session, job_id, (JobStatus.QUEUED.value, JobStatus.PROCESSING.value), None,
-                   claimable, Job.attempts < Job.max_attempts,
-                   status=JobStatus.PROCESSING.value, attempts=Job.attempts + 1, progress=0,
-                   started_at=now, lease_owner=worker, error_message=None,
-                   lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
+        job = _run(session, _claim(), {"b_id": job_id, "b_now": now, "b_owner": worker,
+                                       "b_lease": now + dt.timedelta(seconds=lease_seconds)})
         if job is not None:
-            _emit(session, job, _sync_asset(session, job))
+            _emit(session, job, _sync_asset(session, job, now=now))
         else:
-            current = session.get(Job, job_id)
+            current = _current(session, job_id)
     if job is not None:
         metrics.job_started(job, now)  # committed, and this claim won
         return job
     if current is not None and current.attempts >= current.max_attempts and (
-            current.status == JobStatus.QUEUED.value
-            or (current.status == JobStatus.PROCESSING.value
+            current.status == _QUEUED
+            or (current.status == _PROCESSING
                 and current.lease_expires_at is not None and current.lease_expires_at < now)):
         # Out of attempts: end the job instead of looping on it.
         fail_exhausted(db, current)
@@ -149,16 +272,33 @@ def fail_exhausted(db: Database, job: Job, *, now: dt.datetime | None = None) ->
     return finish_job(db, job.id, Outcome(
         JobStatus.FAILED, attempt=job.attempts,
         error=f"worker lost; all {job.max_attempts} attempts used"),
-        guards=(or_(Job.status == JobStatus.QUEUED.value,
-                    Job.lease_expires_at < (now or utcnow())),))
+        guards=(or_(JOBS.c.status == _QUEUED, JOBS.c.lease_expires_at < (now or utcnow())),))
+
+
+@functools.cache
+def _renewal(fenced: bool) -> Any:
+    return _job_update((JOBS.c.status == _PROCESSING,), fenced,
+                       dict(lease_expires_at=_b("lease", JOBS.c.lease_expires_at)))
+
+
+def _renew(session: Session, job_id: str, attempt: int | None, lease: dt.datetime,
+           now: dt.datetime, guards: tuple[Any, ...] = ()) -> Job | None:
+    if guards:
+        return _cas(session, job_id, (_PROCESSING,), attempt, *guards, lease_expires_at=lease)
+    params: dict[str, Any] = {"b_id": job_id, "b_now": now, "b_lease": lease}
+    if attempt is not None:
+        params["b_attempt"] = attempt
+    return _run(session, _renewal(attempt is not None), params)
 
 
 def renew(db: Database, job_id: str, attempt: int | None, lease_seconds: int, *,
           guards: tuple[Any, ...] = ()) -> Job | None:
-    """Extend a running job's lease; the job, or None when the run is not current."""
+    """Extend a running job's lease; the job, or None when the run is not current.
+    ``guards``: more conditions, over :data:`JOBS` columns."""
+    now = utcnow()
     with db.transaction() as session:
-        return _cas(session, job_id, (JobStatus.PROCESSING.value,), attempt, *guards,
-                    lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds))
+        return _renew(session, job_id, attempt, now + dt.timedelta(seconds=lease_seconds), now,
+                      guards)
 
 
 def renew_lease(db: Database, job_id: str, attempt: int, lease_seconds: int) -> bool:
@@ -170,9 +310,9 @@ def requeue_expired(db: Database, job_id: str, attempt: int, *,
                     now: dt.datetime | None = None) -> bool:
     """A dead worker's job, attempts left: ``processing → queued``, to be published again."""
     with db.transaction() as session:
-        job = _cas(session, job_id, (JobStatus.PROCESSING.value,), attempt,
-                   Job.lease_expires_at < (now or utcnow()), Job.attempts < Job.max_attempts,
-                   status=JobStatus.QUEUED.value, lease_owner=None, lease_expires_at=None,
+        job = _cas(session, job_id, (_PROCESSING,), attempt,
+                   JOBS.c.lease_expires_at < (now or utcnow()), JOBS.c.attempts < JOBS.c.max_attempts,
+                   status=_QUEUED, lease_owner=None, lease_expires_at=None,
                    dispatched_at=None, progress=0,
                    error_message=f"worker lost during attempt {attempt}; requeued")
         if job is None:
@@ -181,27 +321,44 @@ def requeue_expired(db: Database, job_id: str, attempt: int, *,
         return True
 
 
+@functools.cache
+def _report_claim(fenced: bool) -> Any:
+    """An external worker's first ``processing``: ``queued → processing``."""
+    now = _b("now", JOBS.c.started_at)
+    return _job_update((JOBS.c.status == _QUEUED, JOBS.c.attempts < JOBS.c.max_attempts), fenced,
+                       dict(status=_PROCESSING, attempts=JOBS.c.attempts + 1, progress=0,
+                            started_at=func.coalesce(JOBS.c.started_at, now),
+                            lease_owner=_b("owner", JOBS.c.lease_owner),
+                            lease_expires_at=_b("lease", JOBS.c.lease_expires_at),
+                            error_message=None))
+
+
 def report_processing(db: Database, job_id: str, *, worker: str, lease_seconds: int,
                       attempt: int | None = None) -> Transition:
     """An external worker says it is working: claim a queued job or renew the lease."""
     now = utcnow()
     lease = now + dt.timedelta(seconds=lease_seconds)
+    params: dict[str, Any] = {"b_id": job_id, "b_now": now, "b_owner": worker, "b_lease": lease}
+    if attempt is not None:
+        params["b_attempt"] = attempt
     with db.transaction() as session:
-        job = _cas(session, job_id, (JobStatus.QUEUED.value,), attempt,
-                   Job.attempts < Job.max_attempts,
-                   status=JobStatus.PROCESSING.value, attempts=Job.attempts + 1, progress=0,
-                   started_at=func.coalesce(Job.started_at, now), lease_owner=worker,
-                   lease_expires_at=lease, error_message=None)
+        job = _run(session, _report_claim(attempt is not None), params)
         if job is not None:
-            _emit(session, job, _sync_asset(session, job))
+            _emit(session, job, _sync_asset(session, job, now=now))
             result = Transition(job, True)
         else:
-            job = _cas(session, job_id, (JobStatus.PROCESSING.value,), attempt,
-                       lease_expires_at=lease)
+            job = _renew(session, job_id, attempt, lease, now)
             result = Transition(job if job is not None else _load(session, job_id), False)
     if result.changed:
         metrics.job_started(result.job, now)  # committed, and this claim won
     return result
+
+
+@functools.cache
+def _progress() -> Any:
+    return _job_update((JOBS.c.status == _PROCESSING,), True, dict(
+        progress=_b("progress", JOBS.c.progress),
+        lease_expires_at=_b("lease", JOBS.c.lease_expires_at)))
 
 
 def record_progress(db: Database, job_id: str, attempt: int, progress: int, *,
@@ -210,12 +367,13 @@ def record_progress(db: Database, job_id: str, attempt: int, progress: int, *,
     or superseded, and the worker should stop."""
     now = utcnow()
     with db.transaction() as session:
-        job = _cas(session, job_id, (JobStatus.PROCESSING.value,), attempt,
-                   progress=max(0, min(100, progress)),
-                   lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
+        job = _run(session, _progress(), {
+            "b_id": job_id, "b_attempt": attempt, "b_now": now,
+            "b_progress": max(0, min(100, progress)),
+            "b_lease": now + dt.timedelta(seconds=lease_seconds)})
         if job is None:
             return False
-        events.append(session, events.job_event(job, "progress"))
+        events.write(session, events.job_event(job, "progress"))
         return True
 
 
@@ -223,21 +381,55 @@ def record_enhancement(db: Database, job_id: str, attempt: int, *, prompt: str, 
                        error: str | None) -> bool:
     """Store the enhanced prompt (and why enhancement failed, if it did)."""
     with db.transaction() as session:
-        job = _cas(session, job_id, (JobStatus.PROCESSING.value,), attempt, enhanced_prompt=prompt)
+        dialect = _dialect(session)
+        patch = {"enhancement": {"backend": backend, "error": error}}
+        stmt = _job_update((JOBS.c.status == _PROCESSING,), True, dict(
+            enhanced_prompt=_b("prompt", JOBS.c.enhanced_prompt),
+            metadata=_merge(dialect, JOBS.c["metadata"], tuple(patch), "m_")))
+        job = _run(session, stmt, {"b_id": job_id, "b_attempt": attempt, "b_now": utcnow(),
+                                   "b_prompt": prompt, **_merge_params(dialect, patch, "m_")})
         if job is None:
             return False
-        meta = dict(job.metadata_ or {})
-        meta["enhancement"] = {"backend": backend, "error": error}
-        job.metadata_ = meta
         _emit(session, job, _sync_asset(session, job), "enhanced")
         return True
+
+
+_DONE_KEYS = ("primary_asset", "all_assets")
+
+
+def _finish_statement(dialect: str, status: JobStatus, fenced: bool, enhanced: bool,
+                      bucket_from_type: bool, guards: tuple[Any, ...]) -> Any:
+    values: dict[str, Any] = dict(
+        status=status.value, completed_at=_b("now", JOBS.c.completed_at), lease_owner=None,
+        lease_expires_at=None)
+    if status is JobStatus.COMPLETED:
+        now = _b("now", JOBS.c.started_at)
+        # An external worker may report completion without a processing
+        # callback first: the run still happened, once.
+        values["started_at"] = func.coalesce(JOBS.c.started_at, now)
+        values["attempts"] = case((JOBS.c.attempts == 0, 1), else_=JOBS.c.attempts)
+        values["progress"] = 100
+        values["error_message"] = None
+        values["result"] = (_with_bucket(dialect) if bucket_from_type
+                            else _b("result", JOBS.c.result))
+        values["metadata"] = _merge(dialect, JOBS.c["metadata"], _DONE_KEYS, "m_")
+    else:
+        values["error_message"] = _b("error", JOBS.c.error_message)
+    if enhanced:
+        values["enhanced_prompt"] = _b("enhanced", JOBS.c.enhanced_prompt)
+    sources = tuple(s for s in sources_of(status) if s != JobStatus.FAILED.value)
+    return _job_update((_status_is(*sources), *guards), fenced, values)
+
+
+_finish_cached = functools.lru_cache(maxsize=None)(_finish_statement)
 
 
 def finish_job(db: Database, job_id: str, outcome: Outcome, *, guards: tuple[Any, ...] = ()) -> Transition:
     """End a job: completed, failed or cancelled. Idempotent.
 
     A completion with no assets is a failure. Failed and cancelled jobs are
-    refunded by the one transaction that ends them.
+    refunded by the one transaction that ends them. ``guards``: more
+    conditions, over :data:`JOBS` columns.
     """
     if outcome.status is JobStatus.COMPLETED and not outcome.assets:
         outcome = Outcome(JobStatus.FAILED, attempt=outcome.attempt,
@@ -245,35 +437,33 @@ def finish_job(db: Database, job_id: str, outcome: Outcome, *, guards: tuple[Any
                           enhanced_prompt=outcome.enhanced_prompt, metadata=outcome.metadata)
     status = outcome.status
     now = utcnow()
-    values: dict[str, Any] = dict(
-        status=status.value, completed_at=now, lease_owner=None, lease_expires_at=None,
-    )
-    if status is JobStatus.COMPLETED:
-        # An external worker may report completion without a processing
-        # callback first: the run still happened, once.
-        values["started_at"] = func.coalesce(Job.started_at, now)
-        values["attempts"] = case((Job.attempts == 0, 1), else_=Job.attempts)
-        values["progress"] = 100
-        values["error_message"] = None
-    else:
-        values["error_message"] = (outcome.error or status.value)[:ERROR_CHARS]
+    params: dict[str, Any] = {"b_id": job_id, "b_now": now}
+    if outcome.attempt is not None:
+        params["b_attempt"] = outcome.attempt
     if outcome.enhanced_prompt:
-        values["enhanced_prompt"] = outcome.enhanced_prompt
-    sources = tuple(s for s in sources_of(status) if s != JobStatus.FAILED.value)
+        params["b_enhanced"] = outcome.enhanced_prompt
+    bucket_from_type = "bucket" not in outcome.metadata
     with db.transaction() as session:
-        job = _cas(session, job_id, sources, outcome.attempt, *guards, **values)
+        dialect = _dialect(session)
+        if status is JobStatus.COMPLETED:
+            result = {"bucket": None, "assets": list(outcome.assets),
+                      "thumbnail": outcome.thumbnail, **outcome.metadata}
+            params["b_result"] = json.dumps(result) if dialect != "postgresql" and bucket_from_type \
+                else result
+            params.update(_merge_params(dialect, {"primary_asset": outcome.assets[0],
+                                                  "all_assets": list(outcome.assets)}, "m_"))
+        else:
+            params["b_error"] = (outcome.error or status.value)[:ERROR_CHARS]
+        shape = (dialect, status, outcome.attempt is not None, bool(outcome.enhanced_prompt),
+                 bucket_from_type)
+        stmt = _finish_statement(*shape, guards) if guards else _finish_cached(*shape, ())
+        job = _run(session, stmt, params)
         if job is None:
             return Transition(_load(session, job_id), False)
-        meta = dict(job.metadata_ or {})
-        if status is JobStatus.COMPLETED:
-            job.result = {"bucket": job.job_type, "assets": list(outcome.assets),
-                          "thumbnail": outcome.thumbnail, **outcome.metadata}
-            meta.update(primary_asset=outcome.assets[0], all_assets=list(outcome.assets))
-            job.metadata_ = meta
-        else:
+        if status is not JobStatus.COMPLETED:
             credits.refund(session, user_id=job.user_id, job_id=job.id, amount=job.credits,
                            charge_no=job.charges)
-        _emit(session, job, _sync_asset(session, job, outcome))
+        _emit(session, job, _sync_asset(session, job, outcome, now))
     # Committed, and only the transaction whose guard let it through gets here:
     # the one place a job's end is counted.
     metrics.job_finished(job)
@@ -283,9 +473,8 @@ def finish_job(db: Database, job_id: str, outcome: Outcome, *, guards: tuple[Any
 def release(db: Database, job_id: str) -> bool:
     """A worker gives a leased job back (``lpush``): ``processing → queued``."""
     with db.transaction() as session:
-        job = _cas(session, job_id, (JobStatus.PROCESSING.value,), None,
-                   status=JobStatus.QUEUED.value, lease_owner=None, lease_expires_at=None,
-                   progress=0)
+        job = _cas(session, job_id, (_PROCESSING,), None,
+                   status=_QUEUED, lease_owner=None, lease_expires_at=None, progress=0)
         if job is None:
             return False
         _emit(session, job, _sync_asset(session, job), "released")
@@ -296,8 +485,8 @@ def fail_timed_out(db: Database, job_id: str, *, host: str) -> Transition:
     """The worker host killed the job past its hard time limit: fail that run
     (guarded by the lease this host holds; a run elsewhere is not touched)."""
     return finish_job(db, job_id, Outcome(JobStatus.FAILED, error="generation timed out"),
-                      guards=(Job.status == JobStatus.PROCESSING.value,
-                              Job.lease_owner.like(f"{host}:%")))
+                      guards=(JOBS.c.status == _PROCESSING,
+                              JOBS.c.lease_owner.like(f"{host}:%")))
 
 
 def requeue_for_retry(db: Database, job_id: str, attempt: int, reason: str) -> bool:
@@ -307,13 +496,18 @@ def requeue_for_retry(db: Database, job_id: str, attempt: int, reason: str) -> b
     can never arrive while the job still looks busy.
     """
     with db.transaction() as session:
-        job = _cas(session, job_id, (JobStatus.PROCESSING.value,), attempt,
-                   status=JobStatus.QUEUED.value, lease_owner=None, lease_expires_at=None,
+        job = _cas(session, job_id, (_PROCESSING,), attempt,
+                   status=_QUEUED, lease_owner=None, lease_expires_at=None,
                    error_message=reason[:ERROR_CHARS], progress=0, dispatched_at=utcnow())
         if job is None:
             return False
         _emit(session, job, _sync_asset(session, job), "retrying")
         return True
+
+
+@functools.cache
+def _owner() -> Any:
+    return select(JOBS.c.user_id).where(JOBS.c.id == _b("id", JOBS.c.id))
 
 
 def cancel_job(db: Database, user_id: str, job_id: str) -> Job:
@@ -330,7 +524,7 @@ def cancel_job(db: Database, user_id: str, job_id: str) -> Job:
     job_id = canonical_uuid(job_id)  # type: ignore[assignment]
     if job_id is not None:
         with db.session() as session:
-            owner = session.execute(select(Job.user_id).where(Job.id == job_id)).scalar_one_or_none()
+            owner = session.execute(_owner(), {"b_id": job_id}).scalar_one_or_none()
     if owner != user_id:
         raise NotFound("Job not found")
     result = finish_job(db, job_id, Outcome(JobStatus.CANCELLED, error="cancelled by user"))
@@ -339,9 +533,13 @@ def cancel_job(db: Database, user_id: str, job_id: str) -> Job:
     return result.job
 
 
+@functools.cache
+def _dispatched() -> Any:
+    return (update(JOBS).where(JOBS.c.id == _b("id", JOBS.c.id), JOBS.c.dispatched_at.is_(None))
+            .values(dispatched_at=_b("now", JOBS.c.dispatched_at)))
+
+
 def mark_dispatched(db: Database, job_id: str) -> None:
     """Note that the job's message reached the broker (the reconciler reads this)."""
     with db.transaction() as session:
-        session.execute(update(Job).where(Job.id == job_id, Job.dispatched_at.is_(None))
-                        .values(dispatched_at=utcnow())
-                        .execution_options(synchronize_session=False))
+        session.execute(_dispatched(), {"b_id": job_id, "b_now": utcnow()})

@@ -119,7 +119,8 @@ def apply_callback(db: Database, settings: Settings, report: CallbackReport) -> 
         Conflict: the job is not leased (or not by this attempt).
     """
     now = utcnow()
-    live = (Job.status == JobStatus.PROCESSING.value, Job.lease_expires_at > now)
+    live = (completion.JOBS.c.status == JobStatus.PROCESSING.value,
+            completion.JOBS.c.lease_expires_at > now)
     if report.status is JobStatus.PROCESSING:
         with db.session() as session:
             job_type = session.execute(select(Job.job_type).where(Job.id == report.job_id)).scalar_one()
