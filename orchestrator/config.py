@@ -96,6 +96,10 @@ class Settings:
     #: Celery "task-sent" events from the web (Flower's "sent" state): a Redis
     #: PUBLISH per submission; off by default (workers' events stay on).
     task_sent_events: bool = False
+    #: Celery task events from the workers (received/started/succeeded: Redis PUBLISHes per
+    #: task); off by default: Flower turns them on in every worker it sees
+    #: (``enable_events``), so they cost nothing while no monitor listens.
+    worker_task_events: bool = False
     max_queue_wait: float = 6 * 3600.0
     faults: bool = False
     external_families: frozenset[str] = frozenset()
@@ -188,6 +192,7 @@ class Settings:
             publish_grace=_float(env, "PUBLISH_GRACE", 10.0),
             reoffer_after=_float(env, "REOFFER_AFTER", 900.0),
             task_sent_events=env.get("TASK_SENT_EVENTS", "") == "1",
+            worker_task_events=env.get("WORKER_TASK_EVENTS", "") == "1",
             db_pool_size=_int(env, "DB_POOL_SIZE", 10),
             db_max_overflow=_int(env, "DB_MAX_OVERFLOW", 20),
             max_queue_wait=_float(env, "MAX_QUEUE_WAIT", 6 * 3600.0),

@@ -42,7 +42,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         result_expires=24 * 3600,
         # Job state lives in the database; Celery's results are never read.
         task_ignore_result=True,
-        worker_send_task_events=True,
+        worker_send_task_events=settings.worker_task_events,
         task_send_sent_event=settings.task_sent_events,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=settings.publish_timeout,

@@ -1,5 +1,6 @@
 """The Procfile's ``flower`` against the Celery app on Redis: it sees the running
-worker and the test's task (events on), through its HTTP API behind basic auth."""
+worker and the test's task through its HTTP API behind basic auth. The workers
+start without task events (``WORKER_TASK_EVENTS`` unset); Flower turns them on."""
 from __future__ import annotations
 
 import time
@@ -59,6 +60,10 @@ def test_flower_shows_workers_and_tasks(stack: Stack) -> None:
     queues = {q["name"] for info in workers.values() for q in info.get("active_queues") or []}
     assert "sdxl" in queues
 
+    # Flower turns the worker's task events on (``enable_events`` every few seconds).
+    log = stack.logs / "worker_sdxl.log"
+    _until("the worker's task events turned on",
+           lambda: "enabled by remote" in log.read_text(errors="replace"), deadline)
     _, headers = stack.user()
     r = stack.submit(headers, "sdxl_image_fast", prompt="a flower in a field")
     assert r.status_code == 200, r.text
