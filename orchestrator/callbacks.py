@@ -8,11 +8,14 @@ the job owner's folder; a URL is only parsed, never fetched.
 """
 from __future__ import annotations
 
+import functools
+import threading
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from sqlalchemy import bindparam, select
 
 from orchestrator.completion import Outcome
 from orchestrator.db import Database
@@ -111,8 +114,77 @@ class CallbackReport:
     job_id: str
     status: JobStatus
     outcome: Outcome
-    lease_seconds: int
+    #: The job's facts, None when not read (``parse_callback(facts=False)``).
+    lease_seconds: int | None
+    family: str | None
+    job_type: str | None
+    #: The job was queued when this report was read (None: not read, its facts were known):
+    #: a ``processing`` report then most likely claims it, else it renews a lease.
+    was_queued: bool | None = None
+
+
+@dataclass(frozen=True)
+class JobFacts:
+    """What a callback needs of its job before writing: columns that never change after
+    submission (so they may be remembered), and the status when read."""
+
+    job_type: str
+    user_id: str
     family: str
+    status: str | None  #: None: remembered, not read now
+
+
+#: (database, job id) → (job_type, user_id, family), the jobs this process has seen lately:
+#: a worker's repeated reports (lease renewals) need no read before their write.
+_FACTS: dict[tuple[str, str], tuple[str, str, str]] = {}
+_FACTS_LOCK = threading.Lock()
+FACTS_REMEMBERED = 8192
+
+
+@functools.cache
+def _facts_statement() -> Any:
+    jobs = Job.__table__
+    return (select(jobs.c.job_type, jobs.c.user_id, jobs.c.family, jobs.c.status)
+            .where(jobs.c.id == bindparam("b_id", type_=jobs.c.id.type)))
+
+
+def _remember(store: dict[Any, Any], key: Any, value: Any) -> None:
+    with _FACTS_LOCK:
+        if key not in store and len(store) >= FACTS_REMEMBERED:
+            del store[next(iter(store))]  # the oldest
+        store[key] = value
+
+
+def job_facts(db: Database, job_id: str) -> JobFacts | None:
+    """The job's type, owner and family (None: no such job), remembered once read."""
+    key = (db.url, job_id)
+    known = _FACTS.get(key)
+    if known is not None:
+        return JobFacts(*known, status=None)
+    with db.autocommit() as conn:
+        row = conn.execute(_facts_statement(), {"b_id": job_id}).first()
+    if row is None:
+        return None
+    _remember(_FACTS, key, (row[0], row[1], row[2]))
+    return JobFacts(row[0], row[1], row[2], status=row[3])
+
+
+#: (database, job id) of the jobs whose ``processing`` reports this process has applied.
+_REPORTED: dict[tuple[str, str], bool] = {}
+
+
+def likely_claim(db: Database, report: CallbackReport) -> bool:
+    """Does this ``processing`` report most likely claim its job (rather than renew its
+    lease)? Only the order of two exclusive CAS depends on it, never the outcome: the job
+    was queued when read for this report, or (not read) no report of it was seen here."""
+    if report.was_queued is not None:
+        return report.was_queued
+    return (db.url, report.job_id) not in _REPORTED
+
+
+def reported(db: Database, job_id: str) -> None:
+    """Note an applied ``processing`` report (for :func:`likely_claim`)."""
+    _remember(_REPORTED, (db.url, job_id), True)
 
 
 def _text(body: dict[str, Any], *names: str) -> str | None:
@@ -168,8 +240,14 @@ def to_bucket_path(ref: Any, bucket: str) -> str:
     return ref
 
 
-def parse_callback(storage: LocalStorage, db: Database, body: dict[str, Any]) -> CallbackReport:
+def parse_callback(storage: LocalStorage, db: Database, body: dict[str, Any], *,
+                   facts: bool = True) -> CallbackReport:
     """Validate a callback body against its job.
+
+    ``facts=False``: the job is read only when the report names files (their bucket and
+    owner); otherwise the report's ``lease_seconds``, ``family`` and ``job_type`` are None
+    (the lease follows the job's type, :func:`orchestrator.completion.report_processing`)
+    and a missing job is found by the write.
 
     Raises:
         InvalidRequest: malformed body, unknown status, bad asset path.
@@ -191,20 +269,21 @@ def parse_callback(storage: LocalStorage, db: Database, body: dict[str, Any]) ->
     attempt = body.get("attempt")
     if attempt is not None and (isinstance(attempt, bool) or not isinstance(attempt, int)):
         raise InvalidRequest("attempt must be an integer", details={"field": "attempt"})
-    with db.session() as session:
-        job = session.get(Job, job_id)
-    if job is None:
-        raise NotFound("Job not found")
-    bucket = job.job_type
     refs = _references(body)
-    if len(refs) > MAX_ASSETS:
-        raise InvalidRequest(f"at most {MAX_ASSETS} assets", details={"field": "assets"})
-    paths = [storage.validate_key(bucket, to_bucket_path(r, bucket), owner=job.user_id)
-             for r in refs]
     thumb_ref = next((body[name] for name in ("thumbnail", "thumbnail_url", "thumbnailUrl")
                       if body.get(name) not in (None, "")), None)
-    thumbnail = (storage.validate_key(bucket, to_bucket_path(thumb_ref, bucket), owner=job.user_id)
-                 if thumb_ref is not None else None)
+    job = None
+    if facts or refs or thumb_ref is not None:
+        job = job_facts(db, job_id)
+        if job is None:
+            raise NotFound("Job not found")
+    if len(refs) > MAX_ASSETS:
+        raise InvalidRequest(f"at most {MAX_ASSETS} assets", details={"field": "assets"})
+    paths = [storage.validate_key(job.job_type, to_bucket_path(r, job.job_type), owner=job.user_id)
+             for r in refs] if job is not None else []
+    thumbnail = (storage.validate_key(job.job_type, to_bucket_path(thumb_ref, job.job_type),
+                                      owner=job.user_id)
+                 if job is not None and thumb_ref is not None else None)
     metadata = body.get("metadata")
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict):
@@ -218,5 +297,8 @@ def parse_callback(storage: LocalStorage, db: Database, body: dict[str, Any]) ->
         error=_text(body, "error_message", "errorMessage", "error"),
         enhanced_prompt=_text(body, "enhanced_prompt", "enhancedPrompt"),
         metadata={"callback": metadata} if metadata else {})
+    if job is None:
+        return CallbackReport(job_id, status, outcome, None, None, None)
     return CallbackReport(job_id, status, outcome, JOB_TYPES[job.job_type].hard_time_limit,
-                          job.family)
+                          job.family, job.job_type,
+                          None if job.status is None else job.status == JobStatus.QUEUED.value)

@@ -10,11 +10,14 @@ the asset row and the only one that refunds, so each happens once.
 
 The statements are SQLAlchemy Core over the tables, built once per shape with
 their values bound at execution (no ORM unit of work, no expression building or
-cache-key generation per call): a transition is its CAS ``UPDATE … RETURNING``,
-the asset's ``UPDATE … RETURNING`` (JSON metadata merged by the database, so
-nothing is read first), the events (:func:`orchestrator.events.write`: the
-user's lock and NOTIFY, then one INSERT) and the COMMIT. The rows come back as
-detached :class:`Job`/:class:`Image`/:class:`Video` instances.
+cache-key generation per call). On PostgreSQL a transition is three round trips:
+one statement holding the CAS ``UPDATE … RETURNING``, the image/video row's
+``UPDATE … RETURNING`` computed from the new job row (JSON metadata merged by the
+database, nothing read first) and the lock and NOTIFY of the owner's profile row
+that :mod:`orchestrator.events` requires (:func:`_folded`); the events' INSERT
+(one statement); COMMIT. SQLite runs the CAS and the asset's UPDATE as two
+statements. Rows come back as detached :class:`Job`/:class:`Image`/:class:`Video`
+instances.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from sqlalchemy import String, and_, bindparam, case, cast, func, literal, literal_column, or_, select, update
+from sqlalchemy import (String, and_, bindparam, case, cast, func, literal, literal_column, or_, select,
+                        true, update)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session, configure_mappers
 from sqlalchemy.orm.base import manager_of_class
@@ -32,7 +36,8 @@ from sqlalchemy.orm.base import manager_of_class
 from orchestrator import credits, events, metrics
 from orchestrator.db import Database
 from orchestrator.errors import Conflict, NotFound
-from orchestrator.models import Image, Job, Video, utcnow
+from orchestrator.jobtypes import JOB_TYPES, LONGEST_HARD_TIME_LIMIT
+from orchestrator.models import Image, Job, Profile, Video, utcnow
 from orchestrator.queries import canonical_uuid
 from orchestrator.status import ASSET_STATUS_FOR, JobStatus, sources_of
 
@@ -43,6 +48,7 @@ ERROR_CHARS = 2000
 JOBS = Job.__table__
 _IMAGES = Image.__table__
 _VIDEOS = Video.__table__
+_PROFILES = Profile.__table__
 _QUEUED, _PROCESSING = JobStatus.QUEUED.value, JobStatus.PROCESSING.value
 
 
@@ -105,9 +111,32 @@ def _job_update(where: Iterable[Any], fenced: bool, values: dict[str, Any]) -> A
             .values(updated_at=_b("now", JOBS.c.updated_at), **values).returning(*JOBS.c))
 
 
-def _run(session: Session, stmt: Any, params: dict[str, Any]) -> Job | None:
-    row = session.execute(stmt, params).first()
-    return None if row is None else _job_of(row)
+_NOTIFY = func.pg_notify(events.CHANNEL, cast(_PROFILES.c.id, String))
+
+
+@functools.lru_cache(maxsize=256)
+def _locking(stmt: Any) -> Any:
+    """PostgreSQL: ``stmt`` (a CAS ``UPDATE … RETURNING``) and, in the same statement, the
+    lock of the job owner's profile row with its NOTIFY: what :mod:`orchestrator.events`
+    requires of a transaction that appends events (ids drawn after the lock), without a
+    round trip of its own."""
+    cas = stmt.cte("cas")
+    return (select(*cas.c, _NOTIFY)
+            .select_from(cas.join(_PROFILES, _PROFILES.c.id == cas.c.user_id))
+            .with_for_update(of=_PROFILES))
+
+
+def _run(session: Session, stmt: Any, params: dict[str, Any], *, announce: bool = False) -> Job | None:
+    """Run a CAS; the row it wrote, or None. ``announce``: the transaction appends events
+    if the CAS wins, so take the owner's lock (and NOTIFY) with it."""
+    postgres = announce and _dialect(session) == "postgresql"
+    row = session.execute(_locking(stmt) if postgres else stmt, params).first()
+    if row is None:
+        return None
+    job = _job_of(row)
+    if postgres:
+        events.announce_in(session, job.user_id)  # locked, NOTIFY queued: append adds neither
+    return job
 
 
 @functools.cache
@@ -127,14 +156,14 @@ def _load(session: Session, job_id: str) -> Job:
     return job
 
 
-def _cas(session: Session, job_id: str, sources: tuple[str, ...], attempt: int | None,
-         *guards: Any, **values: Any) -> Job | None:
-    """A one-off CAS (the less travelled transitions): built per call."""
+def _one_off(job_id: str, sources: tuple[str, ...], attempt: int | None, *guards: Any,
+             **values: Any) -> tuple[Any, dict[str, Any]]:
+    """A CAS built per call (the less travelled transitions) and its parameters."""
     stmt = _job_update((_status_is(*sources), *guards), attempt is not None, values)
     params: dict[str, Any] = {"b_id": job_id, "b_now": utcnow()}
     if attempt is not None:
         params["b_attempt"] = attempt
-    return _run(session, stmt, params)
+    return stmt, params
 
 
 # --- JSON merged by the database -----------------------------------------------------------
@@ -223,7 +252,102 @@ def _emit(session: Session, job: Job, asset: Image | Video | None, kind: str | N
     evs = [events.job_event(job, kind)]
     if asset is not None:
         evs.append(events.asset_event(asset, job.id))
-    events.write(session, *evs)
+    events.write_values(session, *evs)
+
+
+# --- PostgreSQL: the CAS, the asset row and the owner's lock in one statement -------------
+_N_JOB, _N_IMAGE, _N_VIDEO = len(JOBS.c), len(_IMAGES.c), len(_VIDEOS.c)
+#: Where each asset's id lies in the folded statement's row (NULL: no such asset).
+_IMAGE_ID = _N_JOB + list(_IMAGES.c).index(_IMAGES.c.id)
+_VIDEO_ID = _N_JOB + _N_IMAGE + list(_VIDEOS.c).index(_VIDEOS.c.id)
+
+
+def _asset_sets(cas: Any, table: Any, video: bool, status: JobStatus, completed: bool,
+                patch: bool) -> dict[str, Any]:
+    """:func:`_sync_asset`'s values as expressions over the CAS's new row (``cas``)."""
+    values: dict[str, Any] = {
+        "status": ASSET_STATUS_FOR[status].value,
+        "updated_at": _b("now", table.c.updated_at),
+        # Python's ``if job.enhanced_prompt:``: only a non-empty one replaces the asset's.
+        "enhanced_prompt": func.coalesce(func.nullif(cas.c.enhanced_prompt, ""),
+                                         table.c.enhanced_prompt)}
+    merge: Any = None
+    if completed:
+        values["title"] = func.substr(cas.c.prompt, 1, TITLE_CHARS)
+        values["completed_at"] = _b("now", table.c.completed_at)
+        if video:
+            values["video_url"] = bindparam("a_first", type_=table.c.video_url.type)
+            values["thumbnail_url"] = bindparam("a_thumb", type_=table.c.thumbnail_url.type)
+        else:
+            values["image_url"] = bindparam("a_first", type_=table.c.image_url.type)
+            values["image_urls"] = bindparam("a_urls", type_=table.c.image_urls.type)
+            values["thumbnail_url"] = bindparam("a_image_thumb", type_=table.c.thumbnail_url.type)
+        if patch:
+            merge = bindparam("a_patch", type_=JSONB)
+    elif status.is_terminal:
+        merge = func.jsonb_build_object("error", cas.c.error_message)
+    if merge is not None:
+        values["metadata"] = func.coalesce(table.c["metadata"], cast(literal("{}"), JSONB)).op(
+            "||", return_type=JSONB)(merge)
+    return values
+
+
+@functools.lru_cache(maxsize=256)
+def _folded(stmt: Any, status: JobStatus, completed: bool, patch: bool) -> Any:
+    """PostgreSQL: a CAS ``UPDATE … RETURNING`` (``stmt``), the image or video row it
+    mirrors (:func:`_sync_asset`, computed from the new job row) and the lock and NOTIFY of
+    the owner's profile row (:func:`_locking`), in one statement: locks taken in the order
+    job, asset, profile, as the separate statements would."""
+    cas = stmt.cte("cas")
+    image = (update(_IMAGES).where(_IMAGES.c.id == cas.c.image_id, cas.c.video_id.is_(None))
+             .values(_asset_sets(cas, _IMAGES, False, status, completed, patch))
+             .returning(*_IMAGES.c).cte("image"))
+    video = (update(_VIDEOS).where(_VIDEOS.c.id == cas.c.video_id)
+             .values(_asset_sets(cas, _VIDEOS, True, status, completed, patch))
+             .returning(*_VIDEOS.c).cte("video"))
+    return (select(*cas.c, *(c.label(f"image_{c.name}") for c in image.c),
+                   *(c.label(f"video_{c.name}") for c in video.c), _NOTIFY)
+            .select_from(cas.join(_PROFILES, _PROFILES.c.id == cas.c.user_id)
+                         .outerjoin(image, true()).outerjoin(video, true()))
+            .with_for_update(of=_PROFILES))
+
+
+def _transition(session: Session, stmt: Any, params: dict[str, Any], status: JobStatus, *,
+                outcome: Outcome | None = None, kind: str | None = None) -> Job | None:
+    """Run a CAS (``stmt``, moving the job to ``status``); when it wins, mirror the job onto
+    its asset row and append the events (job, then asset) in this transaction. The job,
+    or None when the guard was closed (nothing written)."""
+    completed = status is JobStatus.COMPLETED and outcome is not None
+    if _dialect(session) != "postgresql":
+        job = _run(session, stmt, params)
+        if job is None:
+            return None
+        _emit(session, job, _sync_asset(session, job, outcome if completed else None,
+                                        params["b_now"]), kind)
+        return job
+    values = dict(params)
+    patch: dict[str, Any] = {}
+    if completed:
+        assert outcome is not None
+        first = outcome.assets[0]
+        values.update(a_first=first, a_thumb=outcome.thumbnail,
+                      a_image_thumb=outcome.thumbnail or first,
+                      a_urls=list(outcome.assets) if len(outcome.assets) > 1 else None)
+        patch = {k: v for k, v in outcome.metadata.items() if k in ("seeds", "generator")}
+        if patch:
+            values["a_patch"] = patch
+    row = session.execute(_folded(stmt, status, completed, bool(patch)), values).first()
+    if row is None:
+        return None
+    job = _job_of(row[:_N_JOB])
+    asset: Image | Video | None = None
+    if row[_IMAGE_ID] is not None:
+        asset = _image_of(row[_N_JOB:_N_JOB + _N_IMAGE])
+    elif row[_VIDEO_ID] is not None:
+        asset = _video_of(row[_N_JOB + _N_IMAGE:_N_JOB + _N_IMAGE + _N_VIDEO])
+    events.announce_in(session, job.user_id)  # locked, NOTIFY queued: append adds neither
+    _emit(session, job, asset, kind)
+    return job
 
 
 # --- transitions ---------------------------------------------------------------------------
@@ -249,11 +373,10 @@ def start_job(db: Database, job_id: str, *, worker: str, lease_seconds: int) -> 
     """
     now = utcnow()
     with db.transaction() as session:
-        job = _run(session, _claim(), {"b_id": job_id, "b_now": now, "b_owner": worker,
-                                       "b_lease": now + dt.timedelta(seconds=lease_seconds)})
-        if job is not None:
-            _emit(session, job, _sync_asset(session, job, now=now))
-        else:
+        job = _transition(session, _claim(), {
+            "b_id": job_id, "b_now": now, "b_owner": worker,
+            "b_lease": now + dt.timedelta(seconds=lease_seconds)}, JobStatus.PROCESSING)
+        if job is None:
             current = _current(session, job_id)
     if job is not None:
         metrics.job_started(job, now)  # committed, and this claim won
@@ -275,20 +398,34 @@ def fail_exhausted(db: Database, job: Job, *, now: dt.datetime | None = None) ->
         guards=(or_(JOBS.c.status == _QUEUED, JOBS.c.lease_expires_at < (now or utcnow())),))
 
 
+def _lease(by_type: bool) -> Any:
+    """The new lease: ``:b_lease``, or (``by_type``, PostgreSQL) ``:b_now`` plus the hard time
+    limit of the job's type, computed by the database (no read of the type first)."""
+    if not by_type:
+        return _b("lease", JOBS.c.lease_expires_at)
+    seconds = case({name: spec.hard_time_limit for name, spec in JOB_TYPES.items()},
+                   value=JOBS.c.job_type, else_=LONGEST_HARD_TIME_LIMIT)
+    return _b("now", JOBS.c.lease_expires_at) + seconds * literal_column("INTERVAL '1 second'")
+
+
 @functools.cache
-def _renewal(fenced: bool) -> Any:
+def _renewal(fenced: bool, by_type: bool = False) -> Any:
     return _job_update((JOBS.c.status == _PROCESSING,), fenced,
-                       dict(lease_expires_at=_b("lease", JOBS.c.lease_expires_at)))
+                       dict(lease_expires_at=_lease(by_type)))
 
 
-def _renew(session: Session, job_id: str, attempt: int | None, lease: dt.datetime,
+def _renew(session: Session, job_id: str, attempt: int | None, lease: dt.datetime | None,
            now: dt.datetime, guards: tuple[Any, ...] = ()) -> Job | None:
+    """``lease`` None: its type's hard time limit (PostgreSQL)."""
     if guards:
-        return _cas(session, job_id, (_PROCESSING,), attempt, *guards, lease_expires_at=lease)
-    params: dict[str, Any] = {"b_id": job_id, "b_now": now, "b_lease": lease}
+        return _run(session, *_one_off(job_id, (_PROCESSING,), attempt, *guards,
+                                       lease_expires_at=lease))
+    params: dict[str, Any] = {"b_id": job_id, "b_now": now}
+    if lease is not None:
+        params["b_lease"] = lease
     if attempt is not None:
         params["b_attempt"] = attempt
-    return _run(session, _renewal(attempt is not None), params)
+    return _run(session, _renewal(attempt is not None, lease is None), params)
 
 
 def renew(db: Database, job_id: str, attempt: int | None, lease_seconds: int, *,
@@ -310,44 +447,65 @@ def requeue_expired(db: Database, job_id: str, attempt: int, *,
                     now: dt.datetime | None = None) -> bool:
     """A dead worker's job, attempts left: ``processing → queued``, to be published again."""
     with db.transaction() as session:
-        job = _cas(session, job_id, (_PROCESSING,), attempt,
-                   JOBS.c.lease_expires_at < (now or utcnow()), JOBS.c.attempts < JOBS.c.max_attempts,
-                   status=_QUEUED, lease_owner=None, lease_expires_at=None,
-                   dispatched_at=None, progress=0,
-                   error_message=f"worker lost during attempt {attempt}; requeued")
-        if job is None:
-            return False
-        _emit(session, job, _sync_asset(session, job), "requeued")
-        return True
+        stmt, params = _one_off(
+            job_id, (_PROCESSING,), attempt,
+            JOBS.c.lease_expires_at < (now or utcnow()), JOBS.c.attempts < JOBS.c.max_attempts,
+            status=_QUEUED, lease_owner=None, lease_expires_at=None, dispatched_at=None,
+            progress=0, error_message=f"worker lost during attempt {attempt}; requeued")
+        return _transition(session, stmt, params, JobStatus.QUEUED, kind="requeued") is not None
 
 
 @functools.cache
-def _report_claim(fenced: bool) -> Any:
+def _report_claim(fenced: bool, by_type: bool = False) -> Any:
     """An external worker's first ``processing``: ``queued → processing``."""
     now = _b("now", JOBS.c.started_at)
     return _job_update((JOBS.c.status == _QUEUED, JOBS.c.attempts < JOBS.c.max_attempts), fenced,
                        dict(status=_PROCESSING, attempts=JOBS.c.attempts + 1, progress=0,
                             started_at=func.coalesce(JOBS.c.started_at, now),
                             lease_owner=_b("owner", JOBS.c.lease_owner),
-                            lease_expires_at=_b("lease", JOBS.c.lease_expires_at),
-                            error_message=None))
+                            lease_expires_at=_lease(by_type), error_message=None))
 
 
-def report_processing(db: Database, job_id: str, *, worker: str, lease_seconds: int,
-                      attempt: int | None = None) -> Transition:
-    """An external worker says it is working: claim a queued job or renew the lease."""
+@functools.cache
+def _job_type() -> Any:
+    return select(JOBS.c.job_type).where(JOBS.c.id == _b("id", JOBS.c.id))
+
+
+def report_processing(db: Database, job_id: str, *, worker: str, lease_seconds: int | None,
+                      attempt: int | None = None, claim_first: bool = True) -> Transition:
+    """An external worker says it is working: claim a queued job or renew the lease.
+
+    ``lease_seconds`` None: the hard time limit of the job's type (on PostgreSQL computed in
+    the same statement, so a report needs no read first). The two CAS exclude each other
+    (queued vs processing); ``claim_first=False`` tries the renewal first, for a report
+    that most likely renews (one statement fewer then).
+
+    Raises:
+        NotFound: no such job.
+    """
     now = utcnow()
-    lease = now + dt.timedelta(seconds=lease_seconds)
-    params: dict[str, Any] = {"b_id": job_id, "b_now": now, "b_owner": worker, "b_lease": lease}
-    if attempt is not None:
-        params["b_attempt"] = attempt
     with db.transaction() as session:
-        job = _run(session, _report_claim(attempt is not None), params)
+        by_type = lease_seconds is None and _dialect(session) == "postgresql"
+        if lease_seconds is None and not by_type:
+            job_type = session.execute(_job_type(), {"b_id": job_id}).scalar_one_or_none()
+            if job_type is None:
+                raise NotFound("Job not found")
+            lease_seconds = JOB_TYPES[job_type].hard_time_limit
+        lease = None if by_type else now + dt.timedelta(seconds=lease_seconds)  # type: ignore[arg-type]
+        params: dict[str, Any] = {"b_id": job_id, "b_now": now, "b_owner": worker}
+        if lease is not None:
+            params["b_lease"] = lease
+        if attempt is not None:
+            params["b_attempt"] = attempt
+        renewed = None if claim_first else _renew(session, job_id, attempt, lease, now)
+        if renewed is not None:
+            return Transition(renewed, False)
+        job = _transition(session, _report_claim(attempt is not None, by_type), params,
+                          JobStatus.PROCESSING)
         if job is not None:
-            _emit(session, job, _sync_asset(session, job, now=now))
             result = Transition(job, True)
         else:
-            job = _renew(session, job_id, attempt, lease, now)
+            job = _renew(session, job_id, attempt, lease, now) if claim_first else None
             result = Transition(job if job is not None else _load(session, job_id), False)
     if result.changed:
         metrics.job_started(result.job, now)  # committed, and this claim won
@@ -370,10 +528,10 @@ def record_progress(db: Database, job_id: str, attempt: int, progress: int, *,
         job = _run(session, _progress(), {
             "b_id": job_id, "b_attempt": attempt, "b_now": now,
             "b_progress": max(0, min(100, progress)),
-            "b_lease": now + dt.timedelta(seconds=lease_seconds)})
+            "b_lease": now + dt.timedelta(seconds=lease_seconds)}, announce=True)
         if job is None:
             return False
-        events.write(session, events.job_event(job, "progress"))
+        events.write_values(session, events.job_event(job, "progress"))
         return True
 
 
@@ -386,12 +544,10 @@ def record_enhancement(db: Database, job_id: str, attempt: int, *, prompt: str, 
         stmt = _job_update((JOBS.c.status == _PROCESSING,), True, dict(
             enhanced_prompt=_b("prompt", JOBS.c.enhanced_prompt),
             metadata=_merge(dialect, JOBS.c["metadata"], tuple(patch), "m_")))
-        job = _run(session, stmt, {"b_id": job_id, "b_attempt": attempt, "b_now": utcnow(),
-                                   "b_prompt": prompt, **_merge_params(dialect, patch, "m_")})
-        if job is None:
-            return False
-        _emit(session, job, _sync_asset(session, job), "enhanced")
-        return True
+        return _transition(session, stmt, {
+            "b_id": job_id, "b_attempt": attempt, "b_now": utcnow(), "b_prompt": prompt,
+            **_merge_params(dialect, patch, "m_")}, JobStatus.PROCESSING,
+            kind="enhanced") is not None
 
 
 _DONE_KEYS = ("primary_asset", "all_assets")
@@ -457,13 +613,12 @@ def finish_job(db: Database, job_id: str, outcome: Outcome, *, guards: tuple[Any
         shape = (dialect, status, outcome.attempt is not None, bool(outcome.enhanced_prompt),
                  bucket_from_type)
         stmt = _finish_statement(*shape, guards) if guards else _finish_cached(*shape, ())
-        job = _run(session, stmt, params)
+        job = _transition(session, stmt, params, status, outcome=outcome)
         if job is None:
             return Transition(_load(session, job_id), False)
         if status is not JobStatus.COMPLETED:
             credits.refund(session, user_id=job.user_id, job_id=job.id, amount=job.credits,
                            charge_no=job.charges)
-        _emit(session, job, _sync_asset(session, job, outcome, now))
     # Committed, and only the transaction whose guard let it through gets here:
     # the one place a job's end is counted.
     metrics.job_finished(job)
@@ -473,12 +628,9 @@ def finish_job(db: Database, job_id: str, outcome: Outcome, *, guards: tuple[Any
 def release(db: Database, job_id: str) -> bool:
     """A worker gives a leased job back (``lpush``): ``processing → queued``."""
     with db.transaction() as session:
-        job = _cas(session, job_id, (_PROCESSING,), None,
-                   status=_QUEUED, lease_owner=None, lease_expires_at=None, progress=0)
-        if job is None:
-            return False
-        _emit(session, job, _sync_asset(session, job), "released")
-        return True
+        stmt, params = _one_off(job_id, (_PROCESSING,), None, status=_QUEUED, lease_owner=None,
+                                lease_expires_at=None, progress=0)
+        return _transition(session, stmt, params, JobStatus.QUEUED, kind="released") is not None
 
 
 def fail_timed_out(db: Database, job_id: str, *, host: str) -> Transition:
@@ -496,13 +648,10 @@ def requeue_for_retry(db: Database, job_id: str, attempt: int, reason: str) -> b
     can never arrive while the job still looks busy.
     """
     with db.transaction() as session:
-        job = _cas(session, job_id, (_PROCESSING,), attempt,
-                   status=_QUEUED, lease_owner=None, lease_expires_at=None,
-                   error_message=reason[:ERROR_CHARS], progress=0, dispatched_at=utcnow())
-        if job is None:
-            return False
-        _emit(session, job, _sync_asset(session, job), "retrying")
-        return True
+        stmt, params = _one_off(job_id, (_PROCESSING,), attempt, status=_QUEUED, lease_owner=None,
+                                lease_expires_at=None, error_message=reason[:ERROR_CHARS],
+                                progress=0, dispatched_at=utcnow())
+        return _transition(session, stmt, params, JobStatus.QUEUED, kind="retrying") is not None
 
 
 @functools.cache

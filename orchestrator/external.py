@@ -122,10 +122,8 @@ def apply_callback(db: Database, settings: Settings, report: CallbackReport) -> 
     live = (completion.JOBS.c.status == JobStatus.PROCESSING.value,
             completion.JOBS.c.lease_expires_at > now)
     if report.status is JobStatus.PROCESSING:
-        with db.session() as session:
-            job_type = session.execute(select(Job.job_type).where(Job.id == report.job_id)).scalar_one()
         job = completion.renew(db, report.job_id, report.outcome.attempt,
-                               lease_seconds(JOB_TYPES[job_type], settings), guards=live)
+                               lease_seconds(JOB_TYPES[report.job_type], settings), guards=live)
         result = completion.Transition(job, False) if job is not None else None
     else:
         result = completion.finish_job(db, report.job_id, report.outcome, guards=live)

@@ -1,11 +1,23 @@
-"""The round-trip budget of the hot path: how many SQL statements one
-queue-job request sends. Raising a budget must be a deliberate change."""
+"""The round-trip budget of the hot paths: how many SQL statements one
+queue-job request, one worker transition (claim, completion) and one job-callback
+request send. Raising a budget must be a deliberate change."""
 from __future__ import annotations
 
 import threading
+import time
+import uuid
 from typing import Any
 
-from sqlalchemy import event
+import psycopg
+from sqlalchemy import event, text
+
+from orchestrator import completion
+from orchestrator import db as db_module
+from orchestrator.db import Database
+from orchestrator.models import Job
+from orchestrator.status import JobStatus
+from tests.conftest import PG_ADMIN, wipe
+from tests.helpers import submit
 
 # Round trips per request for a returning user (profile exists), statements
 # plus COMMITs, all in one transaction: debit (UPDATE … RETURNING the balance, the
@@ -54,3 +66,129 @@ def test_queue_job_statement_budget(app: Any, client: Any, make_user: Any) -> No
     assert len(statements) <= QUEUE_JOB_BUDGET[dialect], statements
     assert statements.count("COMMIT") == 1, statements  # one transaction
     assert "SELECT" not in statements, statements  # nothing read that a write could return
+
+
+# --- the worker's side: orchestrator.completion ----------------------------------------------
+# Statements plus COMMITs of one transition (a worker's claim, its completion), each one
+# transaction. PostgreSQL: one WITH statement holding the CAS UPDATE … RETURNING, the
+# asset's UPDATE … RETURNING and the lock and NOTIFY of the owner's profile row; the
+# events' INSERT (one statement); COMMIT. SQLite: its BEGIN IMMEDIATE, the CAS, the asset's
+# UPDATE, the events' INSERT, COMMIT (one writer at a time: no lock statement).
+TRANSITION_BUDGET = {"postgresql": 3, "sqlite": 5}
+# job-callback `processing` from an external worker. A claim (the job was queued): the
+# transition above, the lease from the job's type computed by the database (PostgreSQL;
+# SQLite reads the type first). A heartbeat (the same report again): the lease CAS and
+# COMMIT, nothing read first.
+CALLBACK_BUDGET = {"claim": {"postgresql": 3, "sqlite": 6},
+                   "heartbeat": {"postgresql": 2, "sqlite": 4}}
+
+
+def _count_engine(engine: Any) -> tuple[list[str], Any]:
+    seen: list[str] = []
+
+    def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement.split(None, 1)[0].upper())
+
+    def on_commit(conn: Any) -> None:
+        seen.append("COMMIT")
+
+    event.listen(engine, "before_cursor_execute", on_execute)
+    event.listen(engine, "commit", on_commit)
+
+    def stop() -> None:
+        event.remove(engine, "before_cursor_execute", on_execute)
+        event.remove(engine, "commit", on_commit)
+
+    return seen, stop
+
+
+def _assert_one_transition(statements: list[str], dialect: str) -> None:
+    assert len(statements) <= TRANSITION_BUDGET[dialect], statements
+    assert statements.count("COMMIT") == 1, statements  # one transaction
+    assert "SELECT" not in statements, statements  # nothing read that a write could return
+
+
+def test_worker_transitions_statement_budget(db: Database) -> None:
+    user = str(uuid.uuid4())
+    job = submit(db, user, "sdxl_image_fast", num_images=1)
+    seen, stop = _count_engine(db.engine)
+    try:
+        claimed = completion.start_job(db, job.id, worker="host:1", lease_seconds=60)
+        claim, seen[:] = list(seen), []
+        done = completion.finish_job(db, job.id, completion.Outcome(
+            JobStatus.COMPLETED, attempt=1, assets=[f"{user}/{job.id}_0.png"],
+            metadata={"generator": "test", "seeds": [1]}))
+        finish, seen[:] = list(seen), []
+        late = completion.finish_job(db, job.id, completion.Outcome(
+            JobStatus.FAILED, attempt=1, error="late"))
+        stale = list(seen)
+    finally:
+        stop()
+    assert claimed is not None and done.changed and not late.changed
+    _assert_one_transition(claim, db.dialect)
+    _assert_one_transition(finish, db.dialect)
+    # A late report: the CAS finds its guard closed and reads the row, nothing else.
+    assert "INSERT" not in stale and stale.count("UPDATE") + stale.count("WITH") == 1, stale
+
+
+def test_transitions_take_the_owners_lock_before_their_events(pg_database: str) -> None:
+    """PostgreSQL: every event-writing transition locks the owner's profile row (events'
+    ids follow commit order per user) in its first statement: it waits for a transaction
+    that holds that lock, and changes nothing until it can."""
+    db = Database(pg_database)
+    wipe(db)
+    try:
+        user = str(uuid.uuid4())
+        job = submit(db, user, "image_fast")
+        done = threading.Event()
+        with psycopg.connect(pg_database.replace("postgresql+psycopg://", "postgresql://")) as other:
+            other.execute("SELECT 1 FROM profiles WHERE id = %s FOR UPDATE", (user,))
+            claim = threading.Thread(target=lambda: (completion.start_job(
+                db, job.id, worker="host:1", lease_seconds=60), done.set()))
+            claim.start()
+            assert not done.wait(0.5)  # blocked on the profile row
+            other.rollback()
+        claim.join(timeout=10)
+        assert done.is_set()
+        with db.session() as session:
+            assert session.get(Job, job.id).status == "processing"
+    finally:
+        db.dispose()
+
+
+def test_an_idle_pooled_connection_is_checked_before_use(pg_database: str,
+                                                         monkeypatch: Any) -> None:
+    """A connection killed while idle in the pool is replaced before use (no error); a busy
+    one is used without the ping's round trip."""
+    monkeypatch.setattr(db_module, "PING_AFTER_IDLE_S", 0.2)
+    db = Database(pg_database, pool_size=1, max_overflow=0)
+    try:
+        with db.transaction() as session:
+            pid = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        time.sleep(0.3)
+        with db.transaction() as session:
+            assert session.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
+    finally:
+        db.dispose()
+
+
+def test_job_callback_statement_budget(app: Any, client: Any, make_user: Any,
+                                       worker_headers: dict[str, str]) -> None:
+    _, headers = make_user()
+    body = {"jobType": "image_fast", "metadata": {"prompt": "a lighthouse"}}
+    job_id = client.post("/functions/v1/queue-job", headers=headers, json=body).json["job"]["id"]
+    report = {"job_id": job_id, "status": "processing"}
+    dialect = app.extensions["orchestrator"].db.dialect
+    for kind in ("claim", "heartbeat"):
+        seen, stop = _count(app)
+        try:
+            resp = client.post("/functions/v1/job-callback", headers=worker_headers, json=report)
+        finally:
+            stop()
+        assert resp.status_code == 200 and resp.json["status"] == "processing", resp.json
+        assert len(seen) <= CALLBACK_BUDGET[kind][dialect], (kind, seen)
+        assert seen.count("COMMIT") == 1, (kind, seen)
+        if dialect == "postgresql":
+            assert "SELECT" not in seen, (kind, seen)

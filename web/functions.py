@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Blueprint, g, jsonify
 
-from orchestrator import completion, external, faults, idempotency, queries
+from orchestrator import callbacks, completion, external, faults, idempotency, queries
 from orchestrator.callbacks import CallbackBody, parse_callback
 from orchestrator.records import iso
 from orchestrator.status import JobStatus
@@ -130,13 +130,18 @@ def job_callback() -> Any:
 
 def _apply_callback() -> tuple[int, dict[str, Any]]:
     svc = services()
-    report = parse_callback(svc.storage, svc.db, parse_object())
+    # The job is read first only when the report needs it (files to check, external families
+    # to route); otherwise the write finds it (and a missing one).
+    report = parse_callback(svc.storage, svc.db, parse_object(),
+                            facts=bool(svc.settings.external_families))
     g.job_id = report.job_id  # on this request's log lines
     if report.family in svc.settings.external_families:
         result = external.apply_callback(svc.db, svc.settings, report)
     elif report.status is JobStatus.PROCESSING:
         result = completion.report_processing(svc.db, report.job_id, worker=f"callback:{g.worker_auth}",
-                                              lease_seconds=report.lease_seconds)
+                                              lease_seconds=report.lease_seconds,
+                                              claim_first=callbacks.likely_claim(svc.db, report))
+        callbacks.reported(svc.db, report.job_id)
     else:
         result = completion.finish_job(svc.db, report.job_id, report.outcome)
     job = result.job
