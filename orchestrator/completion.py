@@ -37,7 +37,7 @@ from orchestrator import credits, events, metrics
 from orchestrator.db import Database
 from orchestrator.errors import Conflict, NotFound
 from orchestrator.jobtypes import JOB_TYPES, LONGEST_HARD_TIME_LIMIT
-from orchestrator.models import Image, Job, Profile, Video, utcnow
+from orchestrator.models import Image, Job, Profile, UTCDateTime, Video, utcnow
 from orchestrator.queries import canonical_uuid
 from orchestrator.status import ASSET_STATUS_FOR, JobStatus, sources_of
 
@@ -256,10 +256,27 @@ def _emit(session: Session, job: Job, asset: Image | Video | None, kind: str | N
 
 
 # --- PostgreSQL: the CAS, the asset row and the owner's lock in one statement -------------
-_N_JOB, _N_IMAGE, _N_VIDEO = len(JOBS.c), len(_IMAGES.c), len(_VIDEOS.c)
-#: Where each asset's id lies in the folded statement's row (NULL: no such asset).
-_IMAGE_ID = _N_JOB + list(_IMAGES.c).index(_IMAGES.c.id)
-_VIDEO_ID = _N_JOB + _N_IMAGE + list(_VIDEOS.c).index(_VIDEOS.c.id)
+_N_JOB = len(JOBS.c)
+
+
+def _json_loader(cls: type, table: Any) -> Any:
+    """``to_jsonb`` of a row → a detached instance (its timestamps parsed back)."""
+    manager = manager_of_class(cls)
+    attrs = tuple((c.name, cls.__mapper__.get_property_by_column(c).key,  # type: ignore[attr-defined]
+                   isinstance(c.type, UTCDateTime)) for c in table.c)
+
+    def load(data: dict[str, Any]) -> Any:
+        obj = manager.new_instance()
+        obj.__dict__.update(
+            (attr, dt.datetime.fromisoformat(data[name]) if stamp and data[name] is not None
+             else data[name]) for name, attr, stamp in attrs)
+        return obj
+
+    return load
+
+
+_image_of_json = _json_loader(Image, _IMAGES)
+_video_of_json = _json_loader(Video, _VIDEOS)
 
 
 def _asset_sets(cas: Any, table: Any, video: bool, status: JobStatus, completed: bool,
@@ -299,14 +316,15 @@ def _folded(stmt: Any, status: JobStatus, completed: bool, patch: bool) -> Any:
     the owner's profile row (:func:`_locking`), in one statement: locks taken in the order
     job, asset, profile, as the separate statements would."""
     cas = stmt.cte("cas")
+    # The asset row comes back as one JSON value (``to_jsonb`` of the new row): two columns
+    # instead of the 34 of both tables, and a statement short enough for psycopg to cache.
     image = (update(_IMAGES).where(_IMAGES.c.id == cas.c.image_id, cas.c.video_id.is_(None))
              .values(_asset_sets(cas, _IMAGES, False, status, completed, patch))
-             .returning(*_IMAGES.c).cte("image"))
+             .returning(func.to_jsonb(literal_column("images")).label("row")).cte("image"))
     video = (update(_VIDEOS).where(_VIDEOS.c.id == cas.c.video_id)
              .values(_asset_sets(cas, _VIDEOS, True, status, completed, patch))
-             .returning(*_VIDEOS.c).cte("video"))
-    return (select(*cas.c, *(c.label(f"image_{c.name}") for c in image.c),
-                   *(c.label(f"video_{c.name}") for c in video.c), _NOTIFY)
+             .returning(func.to_jsonb(literal_column("videos")).label("row")).cte("video"))
+    return (select(*cas.c, image.c.row.label("image"), video.c.row.label("video"), _NOTIFY)
             .select_from(cas.join(_PROFILES, _PROFILES.c.id == cas.c.user_id)
                          .outerjoin(image, true()).outerjoin(video, true()))
             .with_for_update(of=_PROFILES))
@@ -341,10 +359,10 @@ def _transition(session: Session, stmt: Any, params: dict[str, Any], status: Job
         return None
     job = _job_of(row[:_N_JOB])
     asset: Image | Video | None = None
-    if row[_IMAGE_ID] is not None:
-        asset = _image_of(row[_N_JOB:_N_JOB + _N_IMAGE])
-    elif row[_VIDEO_ID] is not None:
-        asset = _video_of(row[_N_JOB + _N_IMAGE:_N_JOB + _N_IMAGE + _N_VIDEO])
+    if row[_N_JOB] is not None:
+        asset = _image_of_json(row[_N_JOB])
+    elif row[_N_JOB + 1] is not None:
+        asset = _video_of_json(row[_N_JOB + 1])
     events.announce_in(session, job.user_id)  # locked, NOTIFY queued: append adds neither
     _emit(session, job, asset, kind)
     return job
@@ -403,8 +421,10 @@ def _lease(by_type: bool) -> Any:
     limit of the job's type, computed by the database (no read of the type first)."""
     if not by_type:
         return _b("lease", JOBS.c.lease_expires_at)
-    seconds = case({name: spec.hard_time_limit for name, spec in JOB_TYPES.items()},
-                   value=JOBS.c.job_type, else_=LONGEST_HARD_TIME_LIMIT)
+    # Constants in the text, not parameters: the job types are the registry's names.
+    seconds = case({literal_column(f"'{name}'"): literal_column(str(int(spec.hard_time_limit)))
+                    for name, spec in JOB_TYPES.items()},
+                   value=JOBS.c.job_type, else_=literal_column(str(int(LONGEST_HARD_TIME_LIMIT))))
     return _b("now", JOBS.c.lease_expires_at) + seconds * literal_column("INTERVAL '1 second'")
 
 
