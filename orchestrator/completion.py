@@ -10,25 +10,26 @@ the asset row and the only one that refunds, so each happens once.
 
 The statements are SQLAlchemy Core over the tables, built once per shape with
 their values bound at execution (no ORM unit of work, no expression building or
-cache-key generation per call). On PostgreSQL a transition is three round trips:
-one statement holding the CAS ``UPDATE … RETURNING``, the image/video row's
-``UPDATE … RETURNING`` computed from the new job row (JSON metadata merged by the
-database, nothing read first) and the lock and NOTIFY of the owner's profile row
-that :mod:`orchestrator.events` requires (:func:`_folded`); the events' INSERT
-(one statement); COMMIT. SQLite runs the CAS and the asset's UPDATE as two
-statements. Rows come back as detached :class:`Job`/:class:`Image`/:class:`Video`
-instances.
+cache-key generation per call). On PostgreSQL a transition is one statement
+(:func:`_one_statement`): the CAS ``UPDATE … RETURNING``, the image/video row's
+``UPDATE`` computed from the new job row, the lock and NOTIFY of the owner's
+profile row that :mod:`orchestrator.events` requires, and the events with their
+payloads built by the database; outside a transaction it is its own, one round
+trip (a failure's refund joins it in a transaction). SQLite runs the CAS, the
+asset's UPDATE and the events' INSERT as statements of one transaction. Rows
+come back as detached :class:`Job` instances.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
-from sqlalchemy import (String, and_, bindparam, case, cast, func, literal, literal_column, or_, select,
-                        true, update)
+from sqlalchemy import (BigInteger, Float, String, Text, and_, bindparam, case, cast, func, insert,
+                        literal, literal_column, or_, select, true, union_all, update)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session, configure_mappers
 from sqlalchemy.orm.base import manager_of_class
@@ -37,8 +38,9 @@ from orchestrator import credits, events, metrics
 from orchestrator.db import Database
 from orchestrator.errors import Conflict, NotFound
 from orchestrator.jobtypes import JOB_TYPES, LONGEST_HARD_TIME_LIMIT
-from orchestrator.models import Image, Job, Profile, UTCDateTime, Video, utcnow
+from orchestrator.models import Image, Job, JobEvent, Profile, UTCDateTime, Video, utcnow
 from orchestrator.queries import canonical_uuid
+from orchestrator.records import IMAGE_COLUMNS, JOB_COLUMNS, VIDEO_COLUMNS
 from orchestrator.status import ASSET_STATUS_FOR, JobStatus, sources_of
 
 TITLE_CHARS = 60
@@ -49,6 +51,7 @@ JOBS = Job.__table__
 _IMAGES = Image.__table__
 _VIDEOS = Video.__table__
 _PROFILES = Profile.__table__
+_EVENTS = JobEvent.__table__
 _QUEUED, _PROCESSING = JobStatus.QUEUED.value, JobStatus.PROCESSING.value
 
 
@@ -78,9 +81,16 @@ def _loader(cls: type, table: Any) -> Any:
     configure_mappers()
     manager = manager_of_class(cls)
     attrs = tuple(cls.__mapper__.get_property_by_column(c).key for c in table.c)  # type: ignore[attr-defined]
+    # SQLite's RETURNING gives a whole-number REAL as an int (a SELECT gives a float).
+    floats = [i for i, c in enumerate(table.c) if isinstance(c.type, Float)]
 
     def load(row: Any) -> Any:
         obj = manager.new_instance()
+        if floats:
+            row = list(row)
+            for i in floats:
+                if isinstance(row[i], int):
+                    row[i] = float(row[i])
         obj.__dict__.update(zip(attrs, row))
         return obj
 
@@ -114,29 +124,10 @@ def _job_update(where: Iterable[Any], fenced: bool, values: dict[str, Any]) -> A
 _NOTIFY = func.pg_notify(events.CHANNEL, cast(_PROFILES.c.id, String))
 
 
-@functools.lru_cache(maxsize=256)
-def _locking(stmt: Any) -> Any:
-    """PostgreSQL: ``stmt`` (a CAS ``UPDATE … RETURNING``) and, in the same statement, the
-    lock of the job owner's profile row with its NOTIFY: what :mod:`orchestrator.events`
-    requires of a transaction that appends events (ids drawn after the lock), without a
-    round trip of its own."""
-    cas = stmt.cte("cas")
-    return (select(*cas.c, _NOTIFY)
-            .select_from(cas.join(_PROFILES, _PROFILES.c.id == cas.c.user_id))
-            .with_for_update(of=_PROFILES))
-
-
-def _run(session: Session, stmt: Any, params: dict[str, Any], *, announce: bool = False) -> Job | None:
-    """Run a CAS; the row it wrote, or None. ``announce``: the transaction appends events
-    if the CAS wins, so take the owner's lock (and NOTIFY) with it."""
-    postgres = announce and _dialect(session) == "postgresql"
-    row = session.execute(_locking(stmt) if postgres else stmt, params).first()
-    if row is None:
-        return None
-    job = _job_of(row)
-    if postgres:
-        events.announce_in(session, job.user_id)  # locked, NOTIFY queued: append adds neither
-    return job
+def _run(executor: Any, stmt: Any, params: dict[str, Any]) -> Job | None:
+    """Run a CAS (or a read of one job row); the row, or None."""
+    row = executor.execute(stmt, params).first()
+    return None if row is None else _job_of(row)
 
 
 @functools.cache
@@ -167,8 +158,10 @@ def _one_off(job_id: str, sources: tuple[str, ...], attempt: int | None, *guards
 
 
 # --- JSON merged by the database -----------------------------------------------------------
-def _dialect(session: Session) -> str:
-    return session.get_bind().dialect.name
+def _dialect(executor: Any) -> str:
+    """The dialect of a Connection or a Session."""
+    bound = getattr(executor, "dialect", None)
+    return (bound or executor.get_bind().dialect).name
 
 
 def _merge(dialect: str, column: Any, keys: tuple[str, ...], prefix: str) -> Any:
@@ -255,28 +248,33 @@ def _emit(session: Session, job: Job, asset: Image | Video | None, kind: str | N
     events.write_values(session, *evs)
 
 
-# --- PostgreSQL: the CAS, the asset row and the owner's lock in one statement -------------
-_N_JOB = len(JOBS.c)
+# --- PostgreSQL: a transition in one statement ---------------------------------------------
+def _iso_sql(column: Any) -> Any:
+    """:func:`orchestrator.records.iso` in SQL: UTC, ISO 8601 with a ``Z``, microseconds
+    unless they are zero (as ``datetime.isoformat`` writes them)."""
+    text_ = func.to_char(func.timezone(literal_column("'UTC'"), column),
+                         literal_column("""'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'"""))
+    return func.replace(text_, literal_column("'.000000Z'"), literal_column("'Z'"))
 
 
-def _json_loader(cls: type, table: Any) -> Any:
-    """``to_jsonb`` of a row → a detached instance (its timestamps parsed back)."""
-    manager = manager_of_class(cls)
-    attrs = tuple((c.name, cls.__mapper__.get_property_by_column(c).key,  # type: ignore[attr-defined]
-                   isinstance(c.type, UTCDateTime)) for c in table.c)
-
-    def load(data: dict[str, Any]) -> Any:
-        obj = manager.new_instance()
-        obj.__dict__.update(
-            (attr, dt.datetime.fromisoformat(data[name]) if stamp and data[name] is not None
-             else data[name]) for name, attr, stamp in attrs)
-        return obj
-
-    return load
+def _float_sql(column: Any) -> Any:
+    """A float as Python's ``json`` writes it: a whole number keeps its ``.0``."""
+    whole = and_(column == func.trunc(column), func.abs(column) < literal_column("1e15"))
+    return case((whole, cast(func.concat(cast(cast(column, BigInteger), Text),
+                                         literal_column("'.0'")), JSONB)),
+                else_=func.to_jsonb(column))
 
 
-_image_of_json = _json_loader(Image, _IMAGES)
-_video_of_json = _json_loader(Video, _VIDEOS)
+def _row_json(source: Any, table: Any, columns: tuple[str, ...]) -> Any:
+    """``records.*_row`` of ``source``'s row, built by the database (``jsonb_build_object``):
+    the same JSON value the Python function gives (checked by the tests)."""
+    args: list[Any] = []
+    for name in columns:
+        column, kind = source.c[name], table.c[name].type
+        value = (_iso_sql(column) if isinstance(kind, UTCDateTime)
+                 else _float_sql(column) if isinstance(kind, Float) else column)
+        args += [literal_column(f"'{name}'"), value]
+    return func.jsonb_build_object(*args)
 
 
 def _asset_sets(cas: Any, table: Any, video: bool, status: JobStatus, completed: bool,
@@ -302,50 +300,77 @@ def _asset_sets(cas: Any, table: Any, video: bool, status: JobStatus, completed:
         if patch:
             merge = bindparam("a_patch", type_=JSONB)
     elif status.is_terminal:
-        merge = func.jsonb_build_object("error", cas.c.error_message)
+        merge = func.jsonb_build_object(literal_column("'error'"), cas.c.error_message)
     if merge is not None:
-        values["metadata"] = func.coalesce(table.c["metadata"], cast(literal("{}"), JSONB)).op(
+        values["metadata"] = func.coalesce(table.c["metadata"], cast(literal_column("'{}'"), JSONB)).op(
             "||", return_type=JSONB)(merge)
     return values
 
 
+_EVENT_COLUMNS = ("user_id", "job_id", "entity", "entity_id", "type", "payload", "created_at")
+
+
 @functools.lru_cache(maxsize=256)
-def _folded(stmt: Any, status: JobStatus, completed: bool, patch: bool) -> Any:
-    """PostgreSQL: a CAS ``UPDATE … RETURNING`` (``stmt``), the image or video row it
-    mirrors (:func:`_sync_asset`, computed from the new job row) and the lock and NOTIFY of
-    the owner's profile row (:func:`_locking`), in one statement: locks taken in the order
-    job, asset, profile, as the separate statements would."""
+def _one_statement(stmt: Any, status: JobStatus, completed: bool, patch: bool, kind: str | None,
+                   asset: bool) -> Any:
+    """PostgreSQL: a whole transition as one statement, so it is one round trip (and, run
+    outside a transaction, its own transaction):
+
+    1. ``cas``: the CAS ``UPDATE jobs … RETURNING *`` (``stmt``);
+    2. ``image``/``video`` (``asset``): :func:`_sync_asset` as an ``UPDATE … RETURNING``
+       computed from the new job row;
+    3. ``owner``: the lock of the owner's profile row and its NOTIFY (what
+       :mod:`orchestrator.events` requires of a transaction that appends events);
+    4. ``ev``: the events (job, then asset: :func:`orchestrator.events.job_event` and
+       ``asset_event``, payloads built by the database, :func:`_row_json`), inserted from
+       rows that join ``owner``: their ids are drawn after the lock.
+
+    Returns the new job row; no row when the guard was closed (nothing written)."""
     cas = stmt.cte("cas")
-    # The asset row comes back as one JSON value (``to_jsonb`` of the new row): two columns
-    # instead of the 34 of both tables, and a statement short enough for psycopg to cache.
-    image = (update(_IMAGES).where(_IMAGES.c.id == cas.c.image_id, cas.c.video_id.is_(None))
-             .values(_asset_sets(cas, _IMAGES, False, status, completed, patch))
-             .returning(func.to_jsonb(literal_column("images")).label("row")).cte("image"))
-    video = (update(_VIDEOS).where(_VIDEOS.c.id == cas.c.video_id)
-             .values(_asset_sets(cas, _VIDEOS, True, status, completed, patch))
-             .returning(func.to_jsonb(literal_column("videos")).label("row")).cte("video"))
-    return (select(*cas.c, image.c.row.label("image"), video.c.row.label("video"), _NOTIFY)
-            .select_from(cas.join(_PROFILES, _PROFILES.c.id == cas.c.user_id)
-                         .outerjoin(image, true()).outerjoin(video, true()))
-            .with_for_update(of=_PROFILES))
+    owner = (select(_PROFILES.c.id, _NOTIFY.label("notified"))
+             .where(_PROFILES.c.id == cas.c.user_id).with_for_update(of=_PROFILES).cte("owner"))
+    now = _b("now", _EVENTS.c.created_at)
+    rows = [select(cas.c.user_id, cas.c.id, literal_column("'job'"), cas.c.id,
+                   literal_column(f"'job.{kind or status.value}'"),
+                   _row_json(cas, JOBS, JOB_COLUMNS), now)
+            .select_from(cas.join(owner, owner.c.id == cas.c.user_id))]
+    if asset:
+        image = (update(_IMAGES).where(_IMAGES.c.id == cas.c.image_id, cas.c.video_id.is_(None))
+                 .values(_asset_sets(cas, _IMAGES, False, status, completed, patch))
+                 .returning(*_IMAGES.c).cte("image"))
+        video = (update(_VIDEOS).where(_VIDEOS.c.id == cas.c.video_id)
+                 .values(_asset_sets(cas, _VIDEOS, True, status, completed, patch))
+                 .returning(*_VIDEOS.c).cte("video"))
+        for cte, entity, table, columns in ((image, "image", _IMAGES, IMAGE_COLUMNS),
+                                            (video, "video", _VIDEOS, VIDEO_COLUMNS)):
+            rows.append(select(cte.c.user_id, cas.c.id, literal_column(f"'{entity}'"), cte.c.id,
+                               func.concat(literal_column(f"'{entity}.'"), cte.c.status),
+                               _row_json(cte, table, columns), now)
+                        .select_from(cte.join(cas, true()).join(owner, owner.c.id == cas.c.user_id)))
+    appended = insert(_EVENTS).from_select(list(_EVENT_COLUMNS), union_all(*rows)).cte("ev")
+    return select(*cas.c).add_cte(appended)
 
 
-def _transition(session: Session, stmt: Any, params: dict[str, Any], status: JobStatus, *,
-                outcome: Outcome | None = None, kind: str | None = None) -> Job | None:
+def _transition(executor: Any, stmt: Any, params: dict[str, Any], status: JobStatus, *,
+                outcome: Outcome | None = None, kind: str | None = None,
+                asset: bool = True) -> Job | None:
     """Run a CAS (``stmt``, moving the job to ``status``); when it wins, mirror the job onto
-    its asset row and append the events (job, then asset) in this transaction. The job,
-    or None when the guard was closed (nothing written)."""
+    its asset row (``asset``) and append the events (job, then asset), atomically. The job,
+    or None when the guard was closed (nothing written).
+
+    ``executor``: on PostgreSQL a connection (outside a transaction: the statement is its
+    own) or a session in a transaction; on SQLite a session in a transaction."""
     completed = status is JobStatus.COMPLETED and outcome is not None
-    if _dialect(session) != "postgresql":
-        job = _run(session, stmt, params)
+    if _dialect(executor) != "postgresql":
+        job = _run(executor, stmt, params)
         if job is None:
             return None
-        _emit(session, job, _sync_asset(session, job, outcome if completed else None,
-                                        params["b_now"]), kind)
+        _emit(executor, job, _sync_asset(executor, job, outcome if completed else None,
+                                         params["b_now"]) if asset else None, kind)
         return job
     values = dict(params)
     patch: dict[str, Any] = {}
-    if completed:
+    if completed and asset:
         assert outcome is not None
         first = outcome.assets[0]
         values.update(a_first=first, a_thumb=outcome.thumbnail,
@@ -354,18 +379,21 @@ def _transition(session: Session, stmt: Any, params: dict[str, Any], status: Job
         patch = {k: v for k, v in outcome.metadata.items() if k in ("seeds", "generator")}
         if patch:
             values["a_patch"] = patch
-    row = session.execute(_folded(stmt, status, completed, bool(patch)), values).first()
-    if row is None:
-        return None
-    job = _job_of(row[:_N_JOB])
-    asset: Image | Video | None = None
-    if row[_N_JOB] is not None:
-        asset = _image_of_json(row[_N_JOB])
-    elif row[_N_JOB + 1] is not None:
-        asset = _video_of_json(row[_N_JOB + 1])
-    events.announce_in(session, job.user_id)  # locked, NOTIFY queued: append adds neither
-    _emit(session, job, asset, kind)
-    return job
+    return _run(executor, _one_statement(stmt, status, completed, bool(patch), kind, asset),
+                values)
+
+
+@contextlib.contextmanager
+def _writer(db: Database) -> Iterator[Any]:
+    """Where a transition that is one statement runs: on PostgreSQL a connection outside
+    any transaction (no BEGIN and COMMIT round trips: the statement is its transaction),
+    on SQLite a write transaction."""
+    if db.dialect == "postgresql":
+        with db.autocommit() as conn:
+            yield conn
+    else:
+        with db.transaction() as session:
+            yield session
 
 
 # --- transitions ---------------------------------------------------------------------------
@@ -390,12 +418,11 @@ def start_job(db: Database, job_id: str, *, worker: str, lease_seconds: int) -> 
     elsewhere, finished, cancelled) or out of attempts: do no work.
     """
     now = utcnow()
-    with db.transaction() as session:
-        job = _transition(session, _claim(), {
+    with _writer(db) as writer:
+        job = _transition(writer, _claim(), {
             "b_id": job_id, "b_now": now, "b_owner": worker,
             "b_lease": now + dt.timedelta(seconds=lease_seconds)}, JobStatus.PROCESSING)
-        if job is None:
-            current = _current(session, job_id)
+        current = None if job is not None else _current(writer, job_id)
     if job is not None:
         metrics.job_started(job, now)  # committed, and this claim won
         return job
@@ -453,8 +480,8 @@ def renew(db: Database, job_id: str, attempt: int | None, lease_seconds: int, *,
     """Extend a running job's lease; the job, or None when the run is not current.
     ``guards``: more conditions, over :data:`JOBS` columns."""
     now = utcnow()
-    with db.transaction() as session:
-        return _renew(session, job_id, attempt, now + dt.timedelta(seconds=lease_seconds), now,
+    with _writer(db) as writer:
+        return _renew(writer, job_id, attempt, now + dt.timedelta(seconds=lease_seconds), now,
                       guards)
 
 
@@ -504,10 +531,10 @@ def report_processing(db: Database, job_id: str, *, worker: str, lease_seconds: 
         NotFound: no such job.
     """
     now = utcnow()
-    with db.transaction() as session:
-        by_type = lease_seconds is None and _dialect(session) == "postgresql"
+    with _writer(db) as writer:
+        by_type = lease_seconds is None and _dialect(writer) == "postgresql"
         if lease_seconds is None and not by_type:
-            job_type = session.execute(_job_type(), {"b_id": job_id}).scalar_one_or_none()
+            job_type = writer.execute(_job_type(), {"b_id": job_id}).scalar_one_or_none()
             if job_type is None:
                 raise NotFound("Job not found")
             lease_seconds = JOB_TYPES[job_type].hard_time_limit
@@ -517,16 +544,16 @@ def report_processing(db: Database, job_id: str, *, worker: str, lease_seconds: 
             params["b_lease"] = lease
         if attempt is not None:
             params["b_attempt"] = attempt
-        renewed = None if claim_first else _renew(session, job_id, attempt, lease, now)
+        renewed = None if claim_first else _renew(writer, job_id, attempt, lease, now)
         if renewed is not None:
             return Transition(renewed, False)
-        job = _transition(session, _report_claim(attempt is not None, by_type), params,
+        job = _transition(writer, _report_claim(attempt is not None, by_type), params,
                           JobStatus.PROCESSING)
         if job is not None:
             result = Transition(job, True)
         else:
-            job = _renew(session, job_id, attempt, lease, now) if claim_first else None
-            result = Transition(job if job is not None else _load(session, job_id), False)
+            job = _renew(writer, job_id, attempt, lease, now) if claim_first else None
+            result = Transition(job if job is not None else _load(writer, job_id), False)
     if result.changed:
         metrics.job_started(result.job, now)  # committed, and this claim won
     return result
@@ -544,15 +571,12 @@ def record_progress(db: Database, job_id: str, attempt: int, progress: int, *,
     """Store progress (0–100) and renew the lease. False: the run was cancelled
     or superseded, and the worker should stop."""
     now = utcnow()
-    with db.transaction() as session:
-        job = _run(session, _progress(), {
+    with _writer(db) as writer:
+        return _transition(writer, _progress(), {
             "b_id": job_id, "b_attempt": attempt, "b_now": now,
             "b_progress": max(0, min(100, progress)),
-            "b_lease": now + dt.timedelta(seconds=lease_seconds)}, announce=True)
-        if job is None:
-            return False
-        events.write_values(session, events.job_event(job, "progress"))
-        return True
+            "b_lease": now + dt.timedelta(seconds=lease_seconds)},
+            JobStatus.PROCESSING, kind="progress", asset=False) is not None
 
 
 def record_enhancement(db: Database, job_id: str, attempt: int, *, prompt: str, backend: str,
@@ -619,8 +643,11 @@ def finish_job(db: Database, job_id: str, outcome: Outcome, *, guards: tuple[Any
     if outcome.enhanced_prompt:
         params["b_enhanced"] = outcome.enhanced_prompt
     bucket_from_type = "bucket" not in outcome.metadata
-    with db.transaction() as session:
-        dialect = _dialect(session)
+    completed = status is JobStatus.COMPLETED
+    # A completion is one statement (on PostgreSQL its own transaction); a failure also
+    # refunds, in the same transaction.
+    with _writer(db) if completed else db.transaction() as writer:
+        dialect = _dialect(writer)
         if status is JobStatus.COMPLETED:
             result = {"bucket": None, "assets": list(outcome.assets),
                       "thumbnail": outcome.thumbnail, **outcome.metadata}
@@ -633,11 +660,11 @@ def finish_job(db: Database, job_id: str, outcome: Outcome, *, guards: tuple[Any
         shape = (dialect, status, outcome.attempt is not None, bool(outcome.enhanced_prompt),
                  bucket_from_type)
         stmt = _finish_statement(*shape, guards) if guards else _finish_cached(*shape, ())
-        job = _transition(session, stmt, params, status, outcome=outcome)
+        job = _transition(writer, stmt, params, status, outcome=outcome)
         if job is None:
-            return Transition(_load(session, job_id), False)
-        if status is not JobStatus.COMPLETED:
-            credits.refund(session, user_id=job.user_id, job_id=job.id, amount=job.credits,
+            return Transition(_load(writer, job_id), False)
+        if not completed:
+            credits.refund(writer, user_id=job.user_id, job_id=job.id, amount=job.credits,
                            charge_no=job.charges)
     # Committed, and only the transaction whose guard let it through gets here:
     # the one place a job's end is counted.
@@ -710,5 +737,5 @@ def _dispatched() -> Any:
 
 def mark_dispatched(db: Database, job_id: str) -> None:
     """Note that the job's message reached the broker (the reconciler reads this)."""
-    with db.transaction() as session:
-        session.execute(_dispatched(), {"b_id": job_id, "b_now": utcnow()})
+    with _writer(db) as writer:
+        writer.execute(_dispatched(), {"b_id": job_id, "b_now": utcnow()})
