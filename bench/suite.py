@@ -551,8 +551,7 @@ def _users(stack: Stack, count: int, balance: int) -> list[tuple[str, str]]:
 
 
 def service_web(servers: Servers, load: Load, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    var = workdir / "service"
-    var.mkdir()
+    var = Path(tempfile.mkdtemp(prefix="service-", dir=workdir))  # a phase may be measured again
     stack = make_stack("postgres-redis", var, ("web",), redis_db=1,
                        SUBMIT_RATE_LIMIT="30/minute;5/second", MAX_ACTIVE_JOBS="20")
     out: dict[str, Any] = {"settings": "SUBMIT_RATE_LIMIT=30/minute;5/second (the default), "
@@ -700,8 +699,7 @@ def profile_web(stack: Stack, load: Load, lines: Path, workdir: Path, what: str,
 
 
 def service_worker(servers: Servers, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    var = workdir / "worker"
-    var.mkdir()
+    var = Path(tempfile.mkdtemp(prefix="worker-", dir=workdir))  # a phase may be measured again
     stack = make_stack("postgres-redis", var, (), redis_db=2, GENERATION_TIME_SCALE="0")
     # This process publishes (as the web does) and submits through orchestrator.submission.
     os.environ.update({k: stack.env[k] for k in ("DATABASE_URL", "BROKER_URL", "REDIS_URL",
