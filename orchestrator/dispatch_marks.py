@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 
 from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
@@ -27,6 +28,18 @@ log = logging.getLogger(__name__)
 
 #: Ids per UPDATE (bounded IN lists).
 BATCH = 500
+#: The thread ends after this many idle seconds (and starts again with the next id), so
+#: an unused instance holds no thread, and nothing keeps its database alive.
+IDLE_EXIT_S = 1.0
+
+#: Every instance with a thread started, flushed at process exit (weakly held).
+_LIVE: "weakref.WeakSet[DispatchMarks]" = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_all() -> None:
+    for marks in list(_LIVE):
+        marks.close()
 
 
 class DispatchMarks:
@@ -55,14 +68,17 @@ class DispatchMarks:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="dispatch-marks", daemon=True)
         self._thread.start()
-        atexit.register(self.close)
+        _LIVE.add(self)
 
     def _run(self) -> None:
         while not self._closed:
-            self._wake.wait()
+            if not self._wake.wait(IDLE_EXIT_S):
+                with self._lock:
+                    if not self._pending:  # idle: end (add() starts a new thread)
+                        self._thread = None
+                        return
+                continue  # an id came in as the wait ended: its wake is set
             self._wake.clear()
-            if self._closed:
-                break
             # Let a burst gather, then one statement for all of it.
             time.sleep(self.interval)
             self.flush()
@@ -93,3 +109,5 @@ class DispatchMarks:
         self._wake.set()
         if self._pid == os.getpid():
             self.flush()
+        with self._lock:
+            self._thread = None  # a later add() starts a new one

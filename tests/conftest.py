@@ -112,6 +112,7 @@ def app(settings: Settings, db: Database, redis_client: redis_lib.Redis) -> Any:
     application = create_app(settings)
     application.config["TESTING"] = True
     yield application
+    application.extensions["orchestrator"].dispatch_marks.close()  # its last marks, then no thread
     application.extensions["orchestrator"].db.dispose()
 
 

@@ -94,3 +94,25 @@ def test_dispatch_marks_are_batched_and_flushed_at_exit(db: Database, make_user:
     # Bookkeeping only: the job's updated_at (what clients see change) stays.
     assert [r.updated_at for r in rows] == [j.updated_at for j in jobs]
     assert marks.flush() == 0  # nothing pending, nothing marked twice
+
+
+def test_dispatch_marks_thread_ends_when_idle(db: Database, make_user: Any) -> None:
+    """An idle instance holds no thread (a thread would keep its database's pool alive)."""
+    from orchestrator.dispatch_marks import IDLE_EXIT_S, DispatchMarks
+    from tests.helpers import submit
+
+    user_id, _ = make_user()
+    job = submit(db, user_id)
+    marks = DispatchMarks(db, interval=0.01)
+    marks.add(job.id)
+    thread = marks._thread
+    assert thread is not None and thread.is_alive()
+    thread.join(timeout=IDLE_EXIT_S + 5)
+    assert not thread.is_alive()
+    with db.session() as s:
+        assert s.get(Job, job.id).dispatched_at is not None
+    again = submit(db, user_id)
+    marks.add(again.id)  # a new thread for the next id
+    assert wait_until(lambda: marks._thread is None, timeout=IDLE_EXIT_S + 5)
+    with db.session() as s:
+        assert s.get(Job, again.id).dispatched_at is not None
