@@ -6,6 +6,7 @@ The task only does the work and returns what it made; the signal handlers in
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -39,33 +40,86 @@ class LeaseKeeper:
     its job is claimable again within ``lease_seconds``. When a renewal finds
     the run no longer current (cancelled, taken over), ``lost`` is set and the
     next progress report stops the run.
+
+    One thread per process renews every run of that process (see
+    :class:`_Renewals`): a job does not start and join a thread of its own.
     """
 
     def __init__(self, rt: Runtime, job: Job) -> None:
         self.rt, self.job = rt, job
         self.lease_seconds = rt.settings.lease_seconds
+        self.interval = max(self.lease_seconds / 4, 0.5)
         self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{job.id}", daemon=True)
+        self.due = 0.0
 
     def __enter__(self) -> "LeaseKeeper":
-        self._thread.start()
+        _Renewals.of_this_process().add(self)
         return self
 
     def __exit__(self, *_: Any) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        _Renewals.of_this_process().discard(self)
 
-    def _run(self) -> None:
-        interval = max(self.lease_seconds / 4, 0.5)
-        while not self._stop.wait(interval):
-            try:
-                if not completion.renew_lease(self.rt.db, self.job.id, self.job.attempts,
-                                              self.lease_seconds):
-                    self.lost.set()
-                    return
-            except Exception as e:  # noqa: BLE001 - database down: keep trying, the lease may hold
-                log.warning("lease renewal for job %s failed: %s", self.job.id, type(e).__name__)
+    def renew(self) -> bool:
+        """One renewal; False once the run is no longer current (stop renewing)."""
+        try:
+            if not completion.renew_lease(self.rt.db, self.job.id, self.job.attempts,
+                                          self.lease_seconds):
+                self.lost.set()
+                return False
+        except Exception as e:  # noqa: BLE001 - database down: keep trying, the lease may hold
+            log.warning("lease renewal for job %s failed: %s", self.job.id, type(e).__name__)
+        return True
+
+
+class _Renewals:
+    """The process's running leases and the one daemon thread that renews each of them
+    every ``interval`` seconds (started with the first run; a forked child starts its own)."""
+
+    _current: "_Renewals | None" = None
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.runs: set[LeaseKeeper] = set()
+        self.changed = threading.Condition()
+        threading.Thread(target=self._loop, name="lease-renewals", daemon=True).start()
+
+    @classmethod
+    def of_this_process(cls) -> "_Renewals":
+        current = cls._current
+        if current is None or current.pid != os.getpid():
+            with _RENEWALS_LOCK:
+                current = cls._current
+                if current is None or current.pid != os.getpid():
+                    current = cls._current = cls()
+        return current
+
+    def add(self, keeper: LeaseKeeper) -> None:
+        with self.changed:
+            keeper.due = time.monotonic() + keeper.interval
+            self.runs.add(keeper)
+            self.changed.notify()
+
+    def discard(self, keeper: LeaseKeeper) -> None:
+        with self.changed:
+            self.runs.discard(keeper)
+
+    def _loop(self) -> None:
+        while True:
+            with self.changed:
+                now = time.monotonic()
+                due = [k for k in self.runs if k.due <= now]
+                if not due:
+                    wait = min((k.due for k in self.runs), default=now + 3600) - now
+                    self.changed.wait(wait)
+                    continue
+                for keeper in due:
+                    keeper.due = now + keeper.interval
+            for keeper in due:
+                if keeper in self.runs and not keeper.renew():
+                    self.discard(keeper)
+
+
+_RENEWALS_LOCK = threading.Lock()
 
 
 class ProgressReporter:

@@ -153,3 +153,34 @@ def test_attempts_are_capped(db: Database, worker_runtime) -> None:  # type: ign
     with db.session() as s:
         done = s.get(Job, job.id)
     assert done.status == "failed" and done.error_message == "worker lost; all 3 attempts used"
+
+
+def test_running_leases_are_renewed_and_a_lost_run_is_told(db: Database, worker_runtime,  # type: ignore[no-untyped-def]
+                                                           settings) -> None:
+    """The process's lease thread renews every running job (each every lease/4 s, at least
+    0.5 s) and tells a run whose job was taken from it (cancelled) that it is lost."""
+    from dataclasses import replace
+
+    from tasks.generation import LeaseKeeper
+
+    worker_runtime.settings = replace(settings, lease_seconds=2)
+    user = str(uuid.uuid4())
+    jobs = [completion.start_job(db, submit(db, user, "image_fast").id, worker="w",
+                                 lease_seconds=2) for _ in range(2)]
+
+    def lease_of(job_id: str):  # type: ignore[no-untyped-def]
+        with db.session() as s:
+            return s.get(Job, job_id).lease_expires_at
+
+    first = [lease_of(j.id) for j in jobs]
+    with LeaseKeeper(worker_runtime, jobs[0]) as a, LeaseKeeper(worker_runtime, jobs[1]) as b:
+        time.sleep(1.3)
+        assert all(lease_of(j.id) > f for j, f in zip(jobs, first))  # both renewed
+        completion.cancel_job(db, user, jobs[1].id)
+        deadline = time.monotonic() + 3
+        while not b.lost.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert b.lost.is_set() and not a.lost.is_set()
+    renewed = lease_of(jobs[0].id)
+    time.sleep(1.2)
+    assert lease_of(jobs[0].id) == renewed  # no renewals once the run ended
