@@ -28,8 +28,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
-from sqlalchemy import (BigInteger, Float, String, Text, and_, bindparam, case, cast, func, insert,
-                        literal, literal_column, or_, select, true, union_all, update)
+from sqlalchemy import (Float, String, and_, bindparam, case, cast, func, insert, literal,
+                        literal_column, null, or_, select, true, union_all, update)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session, configure_mappers
 from sqlalchemy.orm.base import manager_of_class
@@ -98,6 +98,25 @@ def _loader(cls: type, table: Any) -> Any:
 
 
 _job_of = _loader(Job, JOBS)
+
+
+def _payload_loader(cls: type, table: Any) -> Any:
+    """A row's ``records.*_row`` (an event payload) → a detached instance."""
+    manager = manager_of_class(cls)
+    attrs = tuple((c.name, cls.__mapper__.get_property_by_column(c).key,  # type: ignore[attr-defined]
+                   isinstance(c.type, UTCDateTime)) for c in table.c)
+
+    def load(row: dict[str, Any]) -> Any:
+        obj = manager.new_instance()
+        obj.__dict__.update(
+            (attr, dt.datetime.fromisoformat(row[name]) if stamp and row[name] is not None
+             else row[name]) for name, attr, stamp in attrs)
+        return obj
+
+    return load
+
+
+_job_of_payload = _payload_loader(Job, JOBS)
 _image_of = _loader(Image, _IMAGES)
 _video_of = _loader(Video, _VIDEOS)
 
@@ -113,20 +132,41 @@ def _status_is(*statuses: str) -> Any:
 
 
 def _job_update(where: Iterable[Any], fenced: bool, values: dict[str, Any]) -> Any:
-    """``UPDATE jobs SET … WHERE id = :b_id AND … [AND attempts = :b_attempt] RETURNING *``."""
+    """``UPDATE jobs SET … WHERE id = :b_id AND … [AND attempts = :b_attempt]`` (a CAS;
+    :func:`_run` adds ``RETURNING *``, :func:`_one_statement` what it needs)."""
     conditions = [JOBS.c.id == _b("id", JOBS.c.id), *where]
     if fenced:
         conditions.append(JOBS.c.attempts == _b("attempt", JOBS.c.attempts))
-    return (update(JOBS).where(*conditions)
-            .values(updated_at=_b("now", JOBS.c.updated_at), **values).returning(*JOBS.c))
+    return update(JOBS).where(*conditions).values(
+        updated_at=_b("now", JOBS.c.updated_at), **{k: _constant(v) for k, v in values.items()})
+
+
+_STATUSES = frozenset(s.value for s in JobStatus)
+
+
+def _constant(value: Any) -> Any:
+    """NULL, a number or a status written into the statement's text (not a parameter);
+    anything else unchanged (bound)."""
+    if value is None:
+        return null()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return literal_column(str(int(value)))
+    if isinstance(value, str) and value in _STATUSES:
+        return literal_column(f"'{value}'")
+    return value
+
+
+@functools.lru_cache(maxsize=256)
+def _returning_row(stmt: Any) -> Any:
+    return stmt.returning(*JOBS.c)
 
 
 _NOTIFY = func.pg_notify(events.CHANNEL, cast(_PROFILES.c.id, String))
 
 
 def _run(executor: Any, stmt: Any, params: dict[str, Any]) -> Job | None:
-    """Run a CAS (or a read of one job row); the row, or None."""
-    row = executor.execute(stmt, params).first()
+    """Run a CAS; the row it wrote, or None."""
+    row = executor.execute(_returning_row(stmt), params).first()
     return None if row is None else _job_of(row)
 
 
@@ -168,7 +208,7 @@ def _merge(dialect: str, column: Any, keys: tuple[str, ...], prefix: str) -> Any
     """``column`` with top-level ``keys`` set (``dict.update``), values bound at execution
     (see :func:`_merge_params`)."""
     if dialect == "postgresql":
-        return func.coalesce(column, cast(literal("{}"), JSONB)).op("||", return_type=JSONB)(
+        return func.coalesce(column, cast(literal_column("'{}'"), JSONB)).op("||", return_type=JSONB)(
             bindparam(f"{prefix}patch", type_=JSONB))
     args: list[Any] = [func.coalesce(column, literal("{}"))]
     for i, key in enumerate(keys):
@@ -249,47 +289,45 @@ def _emit(session: Session, job: Job, asset: Image | Video | None, kind: str | N
 
 
 # --- PostgreSQL: a transition in one statement ---------------------------------------------
-def _iso_sql(column: Any) -> Any:
-    """:func:`orchestrator.records.iso` in SQL: UTC, ISO 8601 with a ``Z``, microseconds
-    unless they are zero (as ``datetime.isoformat`` writes them)."""
-    text_ = func.to_char(func.timezone(literal_column("'UTC'"), column),
-                         literal_column("""'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'"""))
-    return func.replace(text_, literal_column("'.000000Z'"), literal_column("'Z'"))
+#: records.iso in SQL: UTC, ISO 8601 with a ``Z``, microseconds unless they are zero (as
+#: ``datetime.isoformat`` writes them).
+_ISO = """replace(to_char(timezone('UTC', v), 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), '.000000Z', 'Z')"""
 
 
-def _float_sql(column: Any) -> Any:
-    """A float as Python's ``json`` writes it: a whole number keeps its ``.0``."""
-    whole = and_(column == func.trunc(column), func.abs(column) < literal_column("1e15"))
-    return case((whole, cast(func.concat(cast(cast(column, BigInteger), Text),
-                                         literal_column("'.0'")), JSONB)),
-                else_=func.to_jsonb(column))
-
-
-def _row_json(source: Any, table: Any, columns: tuple[str, ...]) -> Any:
-    """``records.*_row`` of ``source``'s row, built by the database (``jsonb_build_object``):
-    the same JSON value the Python function gives (checked by the tests)."""
-    args: list[Any] = []
-    for name in columns:
-        column, kind = source.c[name], table.c[name].type
-        value = (_iso_sql(column) if isinstance(kind, UTCDateTime)
-                 else _float_sql(column) if isinstance(kind, Float) else column)
-        args += [literal_column(f"'{name}'"), value]
-    return func.jsonb_build_object(*args)
+def _payload(row: str, table: Any, columns: tuple[str, ...]) -> Any:
+    """``records.*_row`` of ``row`` (a table or CTE of the statement), built by the
+    database: ``to_jsonb`` of the row, its timestamps spelled as :func:`records.iso` does,
+    its floats as Python's ``json`` (a whole number keeps its ``.0``); the same JSON value
+    as the Python function (the tests compare them)."""
+    sql = f"to_jsonb({row})"
+    extra = [c.name for c in table.c if c.name not in columns]
+    if extra:
+        sql += " - ARRAY[" + ", ".join(f"'{name}'" for name in extra) + "]"
+    stamps = [c.name for c in table.c if c.name in columns and isinstance(c.type, UTCDateTime)]
+    if stamps:
+        pairs = ", ".join(f"('{name}', {row}.{name})" for name in stamps)
+        sql += f" || (SELECT jsonb_object_agg(k, {_ISO}) FROM (VALUES {pairs}) AS s (k, v))"
+    for name in (c.name for c in table.c if c.name in columns and isinstance(c.type, Float)):
+        value = f"{row}.{name}"
+        sql += (f" || jsonb_build_object('{name}', CASE WHEN {value} = trunc({value}) AND "
+                f"abs({value}) < 1e15 THEN CAST(CAST(CAST({value} AS BIGINT) AS TEXT) || '.0' "
+                f"AS JSONB) ELSE to_jsonb({value}) END)")
+    return literal_column(sql, type_=JSONB).label("payload")
 
 
 def _asset_sets(cas: Any, table: Any, video: bool, status: JobStatus, completed: bool,
                 patch: bool) -> dict[str, Any]:
     """:func:`_sync_asset`'s values as expressions over the CAS's new row (``cas``)."""
     values: dict[str, Any] = {
-        "status": ASSET_STATUS_FOR[status].value,
-        "updated_at": _b("now", table.c.updated_at),
+        "status": literal_column(f"'{ASSET_STATUS_FOR[status].value}'"),
+        "updated_at": cas.c.updated_at,
         # Python's ``if job.enhanced_prompt:``: only a non-empty one replaces the asset's.
-        "enhanced_prompt": func.coalesce(func.nullif(cas.c.enhanced_prompt, ""),
+        "enhanced_prompt": func.coalesce(func.nullif(cas.c.enhanced_prompt, literal_column("''")),
                                          table.c.enhanced_prompt)}
     merge: Any = None
     if completed:
-        values["title"] = func.substr(cas.c.prompt, 1, TITLE_CHARS)
-        values["completed_at"] = _b("now", table.c.completed_at)
+        values["title"] = func.substr(cas.c.prompt, 1, literal_column(str(TITLE_CHARS)))
+        values["completed_at"] = cas.c.updated_at
         if video:
             values["video_url"] = bindparam("a_first", type_=table.c.video_url.type)
             values["thumbnail_url"] = bindparam("a_thumb", type_=table.c.thumbnail_url.type)
@@ -308,6 +346,9 @@ def _asset_sets(cas: Any, table: Any, video: bool, status: JobStatus, completed:
 
 
 _EVENT_COLUMNS = ("user_id", "job_id", "entity", "entity_id", "type", "payload", "created_at")
+#: What the statement reads of the new job row besides its payload.
+_CAS_COLUMNS = ("id", "user_id", "image_id", "video_id", "prompt", "enhanced_prompt",
+                "error_message", "updated_at")
 
 
 @functools.lru_cache(maxsize=256)
@@ -326,29 +367,29 @@ def _one_statement(stmt: Any, status: JobStatus, completed: bool, patch: bool, k
        rows that join ``owner``: their ids are drawn after the lock.
 
     Returns the new job row; no row when the guard was closed (nothing written)."""
-    cas = stmt.cte("cas")
+    cas = stmt.returning(*(JOBS.c[n] for n in _CAS_COLUMNS),
+                         _payload("jobs", JOBS, JOB_COLUMNS)).cte("cas")
     owner = (select(_PROFILES.c.id, _NOTIFY.label("notified"))
              .where(_PROFILES.c.id == cas.c.user_id).with_for_update(of=_PROFILES).cte("owner"))
-    now = _b("now", _EVENTS.c.created_at)
+    now = cas.c.updated_at  # the transition's time
     rows = [select(cas.c.user_id, cas.c.id, literal_column("'job'"), cas.c.id,
-                   literal_column(f"'job.{kind or status.value}'"),
-                   _row_json(cas, JOBS, JOB_COLUMNS), now)
+                   literal_column(f"'job.{kind or status.value}'"), cas.c.payload, now)
             .select_from(cas.join(owner, owner.c.id == cas.c.user_id))]
     if asset:
         image = (update(_IMAGES).where(_IMAGES.c.id == cas.c.image_id, cas.c.video_id.is_(None))
                  .values(_asset_sets(cas, _IMAGES, False, status, completed, patch))
-                 .returning(*_IMAGES.c).cte("image"))
+                 .returning(_IMAGES.c.id, _IMAGES.c.user_id, _IMAGES.c.status,
+                            _payload("images", _IMAGES, IMAGE_COLUMNS)).cte("image"))
         video = (update(_VIDEOS).where(_VIDEOS.c.id == cas.c.video_id)
                  .values(_asset_sets(cas, _VIDEOS, True, status, completed, patch))
-                 .returning(*_VIDEOS.c).cte("video"))
-        for cte, entity, table, columns in ((image, "image", _IMAGES, IMAGE_COLUMNS),
-                                            (video, "video", _VIDEOS, VIDEO_COLUMNS)):
+                 .returning(_VIDEOS.c.id, _VIDEOS.c.user_id, _VIDEOS.c.status,
+                            _payload("videos", _VIDEOS, VIDEO_COLUMNS)).cte("video"))
+        for cte, entity in ((image, "image"), (video, "video")):
             rows.append(select(cte.c.user_id, cas.c.id, literal_column(f"'{entity}'"), cte.c.id,
-                               func.concat(literal_column(f"'{entity}.'"), cte.c.status),
-                               _row_json(cte, table, columns), now)
+                               literal_column(f"'{entity}.' || {entity}.status"), cte.c.payload, now)
                         .select_from(cte.join(cas, true()).join(owner, owner.c.id == cas.c.user_id)))
     appended = insert(_EVENTS).from_select(list(_EVENT_COLUMNS), union_all(*rows)).cte("ev")
-    return select(*cas.c).add_cte(appended)
+    return select(cas.c.payload).add_cte(appended)
 
 
 def _transition(executor: Any, stmt: Any, params: dict[str, Any], status: JobStatus, *,
@@ -379,8 +420,9 @@ def _transition(executor: Any, stmt: Any, params: dict[str, Any], status: JobSta
         patch = {k: v for k, v in outcome.metadata.items() if k in ("seeds", "generator")}
         if patch:
             values["a_patch"] = patch
-    return _run(executor, _one_statement(stmt, status, completed, bool(patch), kind, asset),
-                values)
+    row = executor.execute(_one_statement(stmt, status, completed, bool(patch), kind, asset),
+                           values).first()
+    return None if row is None else _job_of_payload(row[0])
 
 
 @contextlib.contextmanager
@@ -607,7 +649,8 @@ def _finish_statement(dialect: str, status: JobStatus, fenced: bool, enhanced: b
         # An external worker may report completion without a processing
         # callback first: the run still happened, once.
         values["started_at"] = func.coalesce(JOBS.c.started_at, now)
-        values["attempts"] = case((JOBS.c.attempts == 0, 1), else_=JOBS.c.attempts)
+        values["attempts"] = case((JOBS.c.attempts == literal_column("0"), literal_column("1")),
+                                  else_=JOBS.c.attempts)
         values["progress"] = 100
         values["error_message"] = None
         values["result"] = (_with_bucket(dialect) if bucket_from_type
