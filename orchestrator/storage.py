@@ -150,13 +150,16 @@ class LocalStorage:
         """
         path = self.path_for(bucket, key, owner=owner)
         payload = bytes(data)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):
-            raise Conflict("storage key conflicts with an existing object") from None
-        # Re-check after mkdir: a directory swapped for a symlink in between
-        # would otherwise redirect the write.
-        path = self.path_for(bucket, key, owner=owner)
+        if not path.parent.is_dir():  # the resolved parent: no symlink left in it
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise Conflict("storage key conflicts with an existing object") from None
+            # Re-check after mkdir: a directory swapped for a symlink in between
+            # would otherwise redirect the write. (When the directory already
+            # existed nothing was created: the first check stands, as the second
+            # would have until the open below.)
+            path = self.path_for(bucket, key, owner=owner)
         if path.is_dir():
             raise Conflict("storage key conflicts with an existing object")
 
