@@ -199,3 +199,28 @@ def test_job_callback_statement_budget(app: Any, client: Any, make_user: Any,
         assert _one_transaction(seen, dialect), (kind, seen)
         if dialect == "postgresql":
             assert "SELECT" not in seen, (kind, seen)
+
+
+def test_transition_statements_fit_psycopgs_query_cache() -> None:
+    """psycopg converts a query's placeholders once and caches the result only for
+    queries up to 4 KiB (and 50 parameters): the one-statement transitions stay below, or
+    every execution parses its text again (a cost, not an error)."""
+    from psycopg import _queries
+    from sqlalchemy.dialects.postgresql import psycopg as pg
+
+    dialect = pg.dialect()
+    shapes = [completion._one_statement(completion._claim(), JobStatus.PROCESSING, False, False,
+                                        None, True),
+              completion._one_statement(completion._report_claim(False, True),
+                                        JobStatus.PROCESSING, False, False, None, True),
+              completion._one_statement(completion._progress(), JobStatus.PROCESSING, False,
+                                        False, "progress", False)]
+    for enhanced in (False, True):
+        finish = completion._finish_cached("postgresql", JobStatus.COMPLETED, True, enhanced,
+                                           True, ())
+        shapes.append(completion._one_statement(finish, JobStatus.COMPLETED, True, True, None,
+                                                True))
+    for stmt in shapes:
+        compiled = stmt.compile(dialect=dialect)
+        assert len(str(compiled)) <= _queries.MAX_CACHED_STATEMENT_LENGTH
+        assert len(compiled.params) <= _queries.MAX_CACHED_STATEMENT_PARAMS
