@@ -117,6 +117,8 @@ def _payload_loader(cls: type, table: Any) -> Any:
 
 
 _job_of_payload = _payload_loader(Job, JOBS)
+if {c.name for c in JOBS.c} != set(JOB_COLUMNS):  # the job is read back from its payload
+    raise RuntimeError("orchestrator.records.JOB_COLUMNS must list every column of jobs")
 _image_of = _loader(Image, _IMAGES)
 _video_of = _loader(Video, _VIDEOS)
 
