@@ -30,26 +30,8 @@ QUEUE_JOB_BUDGET = {"postgresql": 6, "sqlite": 7}
 
 
 def _count(app: Any) -> tuple[list[str], Any]:
-    engine = app.extensions["orchestrator"].db.engine
-    seen: list[str] = []
-    me = threading.get_ident()  # this request's statements, not the dispatch-mark thread's
-
-    def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if threading.get_ident() == me:
-            seen.append(statement.split(None, 1)[0].upper())
-
-    def on_commit(conn: Any) -> None:
-        if threading.get_ident() == me:
-            seen.append("COMMIT")
-
-    event.listen(engine, "before_cursor_execute", on_execute)
-    event.listen(engine, "commit", on_commit)
-
-    def stop() -> None:
-        event.remove(engine, "before_cursor_execute", on_execute)
-        event.remove(engine, "commit", on_commit)
-
-    return seen, stop
+    """This thread's statements (the request's, not the dispatch-mark thread's)."""
+    return _count_engine(app.extensions["orchestrator"].db.engine, threading.get_ident())
 
 
 def test_queue_job_statement_budget(app: Any, client: Any, make_user: Any) -> None:
@@ -83,14 +65,17 @@ CALLBACK_BUDGET = {"claim": {"postgresql": 1, "sqlite": 6},
                    "heartbeat": {"postgresql": 1, "sqlite": 4}}
 
 
-def _count_engine(engine: Any) -> tuple[list[str], Any]:
+def _count_engine(engine: Any, thread: int | None = None) -> tuple[list[str], Any]:
+    """Statements and COMMITs sent on ``engine`` (by ``thread`` only, when given)."""
     seen: list[str] = []
 
     def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        seen.append(statement.split(None, 1)[0].upper())
+        if thread is None or threading.get_ident() == thread:
+            seen.append(statement.split(None, 1)[0].upper())
 
     def on_commit(conn: Any) -> None:
-        seen.append("COMMIT")
+        if thread is None or threading.get_ident() == thread:
+            seen.append("COMMIT")
 
     event.listen(engine, "before_cursor_execute", on_execute)
     event.listen(engine, "commit", on_commit)
