@@ -287,7 +287,7 @@ def _emit(session: Session, job: Job, asset: Image | Video | None, kind: str | N
     evs = [events.job_event(job, kind)]
     if asset is not None:
         evs.append(events.asset_event(asset, job.id))
-    events.write_values(session, *evs)
+    events.write(session, *evs)
 
 
 # --- PostgreSQL: a transition in one statement ---------------------------------------------

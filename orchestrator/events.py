@@ -18,7 +18,7 @@ import functools
 import logging
 from typing import Any, Callable
 
-from sqlalchemy import String, bindparam, cast, event, func, insert, select, text
+from sqlalchemy import String, bindparam, cast, event, func, select, text
 from sqlalchemy.orm import Session
 
 from orchestrator.models import Image, Job, JobEvent, Profile, Video, utcnow
@@ -60,18 +60,6 @@ def append(session: Session, *events: JobEvent) -> None:
     """Add the events to the session (inserted at its next flush)."""
     _lock_users(session, events)
     session.add_all(events)
-
-
-def write(session: Session, *events: JobEvent) -> None:
-    """Insert the events now, all in one Core statement (no ORM flush): for
-    transactions that write everything else with Core too."""
-    _lock_users(session, events)
-    session.execute(_INSERT_EVENT, [
-        {"user_id": e.user_id, "job_id": e.job_id, "entity": e.entity, "entity_id": e.entity_id,
-         "type": e.type, "payload": e.payload, "created_at": e.created_at} for e in events])
-
-
-_INSERT_EVENT = insert(JobEvent.__table__)
 
 
 def announce_in(session: Session, user_id: str) -> Any | None:
@@ -160,9 +148,10 @@ def _insert_values(rows: int) -> Any:
         *(bindparam(f"e{i}_{c}", type_=table.c[c].type) for i in range(rows) for c in _EVENT_COLUMNS))
 
 
-def write_values(session: Session, *events: JobEvent) -> None:
-    """:func:`write` as one multi-row ``INSERT … VALUES`` built once per row count: for a
-    few rows this costs less than an executemany (psycopg runs one in pipeline mode)."""
+def write(session: Session, *events: JobEvent) -> None:
+    """Insert the events now (no ORM flush), for transactions that write everything else
+    with Core too: one multi-row ``INSERT … VALUES`` built once per row count, which for a
+    few rows costs less than an executemany (psycopg runs one in pipeline mode)."""
     _lock_users(session, events)
     params = {f"e{i}_{c}": getattr(e, c) for i, e in enumerate(events) for c in _EVENT_COLUMNS}
     session.execute(_insert_values(len(events)), params)
