@@ -110,6 +110,10 @@ class Settings:
     jwt_jwks: str | None = None
     #: Seconds a web process trusts its copy of the revocation list.
     revocation_refresh_seconds: float = 2.0
+    #: Verified user tokens each web process keeps (least recently used dropped), so a
+    #: token seen before is not verified again; exp, nbf and revocation are still
+    #: checked on every request (0: no cache, every request verifies its token).
+    jwt_cache_size: int = 10000
     #: flask-limiter rate limit per user on job submission ("" disables).
     submit_rate_limit: str = "30/minute;5/second"
     #: Most queued+processing jobs one user may have (0: no cap).
@@ -202,6 +206,7 @@ class Settings:
             queue_base_path=_base_path(env.get("QUEUE_BASE_PATH", "")),
             jwt_jwks=env.get("JWT_JWKS") or None,
             revocation_refresh_seconds=_float(env, "REVOCATION_REFRESH_SECONDS", 2.0),
+            jwt_cache_size=_int(env, "JWT_CACHE_SIZE", 10000),
             submit_rate_limit=env.get("SUBMIT_RATE_LIMIT", "30/minute;5/second").strip(),
             max_active_jobs=_int(env, "MAX_ACTIVE_JOBS", 20),
             sse_heartbeat_seconds=_float(env, "SSE_HEARTBEAT_SECONDS", 15.0),
@@ -241,6 +246,8 @@ class Settings:
             raise ConfigurationError(f"LOG_FORMAT must be json or text, got {settings.log_format!r}")
         if settings.max_active_jobs < 0:
             raise ConfigurationError("MAX_ACTIVE_JOBS must be >= 0 (0: no cap)")
+        if settings.jwt_cache_size < 0:
+            raise ConfigurationError("JWT_CACHE_SIZE must be >= 0 (0: no cache)")
         _check_rate_limit(settings.submit_rate_limit)
         _check_models(settings)
         return settings

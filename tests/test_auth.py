@@ -384,3 +384,209 @@ def test_revoke_command_needs_exactly_one_target(settings: Any, db: Any) -> None
     assert runner.invoke(cli.main, ["revoke", "--session", "a", "--user", str(uuid.uuid4())],
                          env=env).exit_code != 0
     assert runner.invoke(cli.main, ["revoke", "--user", "alice"], env=env).exit_code != 0
+
+
+# --- the cache of verified tokens -----------------------------------------------------------
+
+
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many times PyJWT verified a token's signature (one entry per call): the
+    cache's misses. (flask-jwt-extended also decodes each token once unverified, to
+    read its header and claims before choosing the key; those are not counted.)"""
+    calls: list[int] = []
+    real = jwt.api_jwt.PyJWT.decode_complete
+
+    def counting(self: Any, token: Any, key: Any = "", algorithms: Any = None,
+                 options: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if (options or {}).get("verify_signature", True):
+            calls.append(1)
+        return real(self, token, key, algorithms, options, *args, **kwargs)
+
+    monkeypatch.setattr(jwt.api_jwt.PyJWT, "decode_complete", counting)
+    return calls
+
+
+def _cache_of(app: Any) -> Any:
+    from web.auth import CACHE_KEY
+
+    return app.extensions.get(CACHE_KEY)
+
+
+def _error(resp: Any) -> str:
+    assert_unauthorized(resp)
+    return resp.get_json()["error"]
+
+
+def _hs256(settings: Any, **overrides: Any) -> str:
+    return jwt.encode(_claims(settings, **overrides), settings.jwt_secret, algorithm="HS256")
+
+
+def test_seen_token_is_not_decoded_again(settings: Any, db: Any, decodes: list[int]) -> None:
+    app = _app_with(settings)
+    client = app.test_client()
+    user_id = str(uuid.uuid4())
+    token = _hs256(settings, sub=user_id)
+    assert client.get("/v1/me", headers=_bearer(token)).status_code == 200
+    assert len(decodes) == 1 and len(_cache_of(app)) == 1
+    for _ in range(3):
+        me = client.get("/v1/me", headers=_bearer(token))
+        assert me.status_code == 200 and me.get_json()["user_id"] == user_id
+    queued = client.post("/functions/v1/queue-job", json=QUEUE_BODY, headers=_bearer(token))
+    assert queued.status_code == 200, queued.get_data(as_text=True)
+    assert queued.get_json()["job"]["user_id"] == user_id
+    assert len(decodes) == 1  # every later request was a hit
+
+
+def test_cached_token_is_refused_once_expired(settings: Any, db: Any, decodes: list[int]) -> None:
+    app = _app_with(settings)
+    client = app.test_client()
+    exp = int(time.time()) + 2
+    token = _hs256(settings, exp=exp)
+    assert client.get("/v1/me", headers=_bearer(token)).status_code == 200
+    assert client.get("/v1/me", headers=_bearer(token)).status_code == 200
+    assert len(decodes) == 1
+    time.sleep(max(0.0, exp - time.time()) + 0.05)
+    assert _error(client.get("/v1/me", headers=_bearer(token))) == "Token expired"
+    assert len(decodes) == 1  # refused by the cache's own clock check, not by PyJWT
+    assert len(_cache_of(app)) == 0  # and dropped
+    assert _error(client.get("/v1/me", headers=_bearer(token))) == "Token expired"
+    assert len(decodes) > 1  # a miss now: PyJWT refuses it
+
+
+def test_cached_token_not_yet_valid_is_refused(settings: Any, db: Any) -> None:
+    """``nbf`` is checked on a hit too (as if the clock had stepped back since)."""
+    app = _app_with(settings)
+    client = app.test_client()
+    user_id = str(uuid.uuid4())
+    token = _hs256(settings, sub=user_id)
+    assert client.get("/v1/me", headers=_bearer(token)).status_code == 200
+    claims = jwt.decode(token, options={"verify_signature": False})
+    _cache_of(app).put(token, {**claims, "nbf": int(time.time()) + 300},
+                       jwt.get_unverified_header(token), user_id)
+    assert _error(client.get("/v1/me", headers=_bearer(token))) == "Invalid token"
+
+
+@pytest.mark.parametrize("kind", ["session", "user"])
+def test_cached_token_is_refused_once_revoked(settings: Any, db: Any, decodes: list[int],
+                                              kind: str) -> None:
+    app = _app_with(settings, revocation_refresh_seconds=0.0)
+    client = app.test_client()
+    user_id = str(uuid.uuid4())
+    token = _hs256(settings, sub=user_id, session_id="sess-cached", iat=int(time.time()) - 5)
+    assert client.get("/v1/me", headers=_bearer(token)).status_code == 200
+    assert client.get("/v1/me", headers=_bearer(token)).status_code == 200
+    _revoke(settings, *(["--session", "sess-cached"] if kind == "session" else ["--user", user_id]))
+    assert _error(client.get("/v1/me", headers=_bearer(token))) == "Token revoked"
+    assert _error(client.post("/functions/v1/queue-job", json=QUEUE_BODY,
+                              headers=_bearer(token))) == "Token revoked"
+    assert len(decodes) == 1  # refused on hits: revocation is checked on every request
+    assert _job_count(db) == 0
+
+
+def test_revoked_token_is_not_cached(settings: Any, db: Any) -> None:
+    app = _app_with(settings, revocation_refresh_seconds=0.0)
+    token = _hs256(settings, session_id="sess-gone")
+    _revoke(settings, "--session", "sess-gone")
+    assert _error(app.test_client().get("/v1/me", headers=_bearer(token))) == "Token revoked"
+    assert len(_cache_of(app)) == 0
+
+
+def test_altered_copies_of_a_cached_token_are_refused(settings: Any, db: Any) -> None:
+    app = _app_with(settings)
+    client = app.test_client()
+    token = _hs256(settings)
+    assert client.get("/v1/me", headers=_bearer(token)).status_code == 200
+    head, payload, sig = token.split(".")
+    flipped = sig[:5] + ("A" if sig[5] != "A" else "B") + sig[6:]
+    other_payload = _hs256(settings).split(".")[1]  # another user's claims, this signature
+    for bad in (f"{head}.{payload}.{flipped}", f"{head}.{other_payload}.{sig}",
+                f"{head}.{payload}.", f"{head}.{payload}"):
+        assert _error(client.get("/v1/me", headers=_bearer(bad))) == "Invalid token", bad
+    # the header must hold exactly one bearer token, spelt "Bearer", as without a cache
+    for header in (f"bearer {token}", f"Bearer {token}, Bearer {token}", f"Bearer  {token} x",
+                   f"Bearer {token}.", f"Basic {token}"):
+        assert_unauthorized(client.get("/v1/me", headers={"Authorization": header}))
+    assert len(_cache_of(app)) == 1
+    assert client.get("/v1/me", headers=_bearer(token)).status_code == 200
+
+
+def test_failures_are_not_cached(settings: Any, db: Any) -> None:
+    app = _app_with(settings)
+    client = app.test_client()
+    for name, (headers, query) in bad_auth_cases(settings).items():
+        assert_unauthorized(client.get("/v1/me" + (f"?{query}" if query else ""), headers=headers))
+        assert len(_cache_of(app)) == 0, name
+
+
+def test_cache_keeps_the_most_recently_used_within_its_size(settings: Any, db: Any,
+                                                            decodes: list[int]) -> None:
+    app = _app_with(settings, jwt_cache_size=3)
+    client = app.test_client()
+    tokens = [_hs256(settings) for _ in range(4)]
+    for token in tokens[:3]:
+        assert client.get("/v1/me", headers=_bearer(token)).status_code == 200
+    assert client.get("/v1/me", headers=_bearer(tokens[0])).status_code == 200  # now the newest
+    assert len(decodes) == 3
+    assert client.get("/v1/me", headers=_bearer(tokens[3])).status_code == 200  # tokens[1] goes
+    assert len(_cache_of(app)) == 3 and len(decodes) == 4
+    assert client.get("/v1/me", headers=_bearer(tokens[0])).status_code == 200
+    assert len(decodes) == 4
+    assert client.get("/v1/me", headers=_bearer(tokens[1])).status_code == 200
+    assert len(decodes) == 5 and len(_cache_of(app)) == 3
+    for _ in range(20):
+        assert client.get("/v1/me", headers=_bearer(_hs256(settings))).status_code == 200
+    assert len(_cache_of(app)) == 3
+
+
+def test_cache_size_zero_verifies_every_request(settings: Any, db: Any, decodes: list[int]) -> None:
+    app = _app_with(settings, jwt_cache_size=0)
+    assert _cache_of(app) is None
+    client = app.test_client()
+    token = _hs256(settings)
+    for _ in range(3):
+        assert client.get("/v1/me", headers=_bearer(token)).status_code == 200
+    assert len(decodes) == 3
+
+
+def test_cache_size_setting() -> None:
+    from orchestrator.config import ConfigurationError, Settings
+
+    assert Settings.from_env({}).jwt_cache_size == 10000
+    assert Settings.from_env({"JWT_CACHE_SIZE": "0"}).jwt_cache_size == 0
+    for bad in ("-1", "many"):
+        with pytest.raises(ConfigurationError, match="JWT_CACHE_SIZE"):
+            Settings.from_env({"JWT_CACHE_SIZE": bad})
+
+
+def test_apps_with_other_secrets_share_no_cache(settings: Any, db: Any) -> None:
+    first = _app_with(settings, jwt_secret="first-secret-" + "a" * 32)
+    second = _app_with(settings, jwt_secret="second-secret-" + "b" * 32)
+    token = jwt.encode(_claims(settings), "first-secret-" + "a" * 32, algorithm="HS256")
+    assert first.test_client().get("/v1/me", headers=_bearer(token)).status_code == 200
+    assert first.test_client().get("/v1/me", headers=_bearer(token)).status_code == 200
+    assert _error(second.test_client().get("/v1/me", headers=_bearer(token))) == "Invalid token"
+    assert len(_cache_of(second)) == 0 and _cache_of(first) is not _cache_of(second)
+    # nor with another issuer setting
+    strict = _app_with(settings, jwt_secret="first-secret-" + "a" * 32,
+                       jwt_issuer="https://auth.example.test/auth/v1")
+    assert _error(strict.test_client().get("/v1/me", headers=_bearer(token))) == "Invalid token"
+
+
+def test_get_jwt_works_on_a_hit(settings: Any, db: Any) -> None:
+    from flask_jwt_extended import get_jwt, get_jwt_header, get_jwt_identity
+
+    from web import auth
+
+    app = _app_with(settings)
+    user_id = str(uuid.uuid4())
+    token = _hs256(settings, sub=user_id, session_id="sess-x")
+    for attempt in range(3):
+        with app.test_request_context("/v1/me", headers=_bearer(token)):
+            assert auth._authenticate_user() == user_id
+            claims = get_jwt()
+            assert claims["sub"] == user_id and claims["session_id"] == "sess-x"
+            assert claims["role"] == "authenticated" and claims["type"] == "access"
+            assert get_jwt_identity() == user_id and get_jwt_header()["alg"] == "HS256"
+            claims["role"] = "anon"  # a request's copy: the cached claims stay as verified
+        assert len(_cache_of(app)) == 1
