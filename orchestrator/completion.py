@@ -347,7 +347,6 @@ def _asset_sets(cas: Any, table: Any, video: bool, status: JobStatus, completed:
     return values
 
 
-_EVENT_COLUMNS = ("user_id", "job_id", "entity", "entity_id", "type", "payload", "created_at")
 #: What the statement reads of the new job row besides its payload.
 _CAS_COLUMNS = ("id", "user_id", "image_id", "video_id", "prompt", "enhanced_prompt",
                 "error_message", "updated_at")
@@ -390,7 +389,7 @@ def _one_statement(stmt: Any, status: JobStatus, completed: bool, patch: bool, k
             rows.append(select(cte.c.user_id, cas.c.id, literal_column(f"'{entity}'"), cte.c.id,
                                literal_column(f"'{entity}.' || {entity}.status"), cte.c.payload, now)
                         .select_from(cte.join(cas, true()).join(owner, owner.c.id == cas.c.user_id)))
-    appended = insert(_EVENTS).from_select(list(_EVENT_COLUMNS), union_all(*rows)).cte("ev")
+    appended = insert(_EVENTS).from_select(list(events.EVENT_COLUMNS), union_all(*rows)).cte("ev")
     return select(cas.c.payload).add_cte(appended)
 
 

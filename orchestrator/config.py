@@ -118,6 +118,10 @@ class Settings:
     submit_rate_limit: str = "30/minute;5/second"
     #: Most queued+processing jobs one user may have (0: no cap).
     max_active_jobs: int = 20
+    #: A submission's answer counts its family's queued jobs at most this often per web
+    #: process (seconds); in between it adds the jobs the process queued since (0: count
+    #: every time; see orchestrator.submission.QueueLengths).
+    queue_length_max_age: float = 1.0
     #: Server-Sent Events: idle heartbeat, streams per web process, a stream's lifetime.
     sse_heartbeat_seconds: float = 15.0
     sse_max_streams: int = 48
@@ -209,6 +213,7 @@ class Settings:
             jwt_cache_size=_int(env, "JWT_CACHE_SIZE", 10000),
             submit_rate_limit=env.get("SUBMIT_RATE_LIMIT", "30/minute;5/second").strip(),
             max_active_jobs=_int(env, "MAX_ACTIVE_JOBS", 20),
+            queue_length_max_age=_float(env, "QUEUE_LENGTH_MAX_AGE", 1.0),
             sse_heartbeat_seconds=_float(env, "SSE_HEARTBEAT_SECONDS", 15.0),
             sse_max_streams=_int(env, "SSE_MAX_STREAMS", 48),
             sse_max_seconds=_float(env, "SSE_MAX_SECONDS", 900.0),
@@ -246,6 +251,8 @@ class Settings:
             raise ConfigurationError(f"LOG_FORMAT must be json or text, got {settings.log_format!r}")
         if settings.max_active_jobs < 0:
             raise ConfigurationError("MAX_ACTIVE_JOBS must be >= 0 (0: no cap)")
+        if settings.queue_length_max_age < 0:
+            raise ConfigurationError("QUEUE_LENGTH_MAX_AGE must be >= 0 (0: count every time)")
         if settings.jwt_cache_size < 0:
             raise ConfigurationError("JWT_CACHE_SIZE must be >= 0 (0: no cache)")
         _check_rate_limit(settings.submit_rate_limit)

@@ -39,7 +39,7 @@ def _add_to_balance(session: Session, user_id: str, delta: int) -> int | None:
     return session.execute(stmt).scalar_one_or_none()
 
 
-_ACTIVE = (JobStatus.QUEUED.value, JobStatus.PROCESSING.value)
+ACTIVE = (JobStatus.QUEUED.value, JobStatus.PROCESSING.value)
 
 
 class Charge(NamedTuple):
@@ -58,7 +58,7 @@ def _debit_statement(count_queued: bool, notify: bool) -> Any:
     profiles, jobs = Profile.__table__.c, Job.__table__.c
     user = bindparam("b_user", type_=profiles.id.type)
     active = (select(func.count()).select_from(Job.__table__)
-              .where(jobs.user_id == user, jobs.status.in_(_ACTIVE)).scalar_subquery())
+              .where(jobs.user_id == user, jobs.status.in_(ACTIVE)).scalar_subquery())
     queued: Any = literal(0)
     if count_queued:
         queued = (select(func.count()).select_from(Job.__table__)

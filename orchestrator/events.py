@@ -134,7 +134,7 @@ def payloads(session: Session, job_id: str) -> list[dict[str, Any]]:
     return [{"id": e.id, "type": e.type, "entity": e.entity, "payload": e.payload} for e in rows]
 
 
-_EVENT_COLUMNS = ("user_id", "job_id", "entity", "entity_id", "type", "payload", "created_at")
+EVENT_COLUMNS = ("user_id", "job_id", "entity", "entity_id", "type", "payload", "created_at")
 
 
 @functools.cache
@@ -142,10 +142,10 @@ def _insert_values(rows: int) -> Any:
     # Plain SQL text: a multi-row insert() construct is compiled again at every execution;
     # a text() statement is compiled once and cached like any other.
     table = JobEvent.__table__
-    values = ", ".join("(" + ", ".join(f":e{i}_{c}" for c in _EVENT_COLUMNS) + ")"
+    values = ", ".join("(" + ", ".join(f":e{i}_{c}" for c in EVENT_COLUMNS) + ")"
                        for i in range(rows))
-    return text(f"INSERT INTO {table.name} ({', '.join(_EVENT_COLUMNS)}) VALUES {values}").bindparams(
-        *(bindparam(f"e{i}_{c}", type_=table.c[c].type) for i in range(rows) for c in _EVENT_COLUMNS))
+    return text(f"INSERT INTO {table.name} ({', '.join(EVENT_COLUMNS)}) VALUES {values}").bindparams(
+        *(bindparam(f"e{i}_{c}", type_=table.c[c].type) for i in range(rows) for c in EVENT_COLUMNS))
 
 
 def write(session: Session, *events: JobEvent) -> None:
@@ -153,5 +153,5 @@ def write(session: Session, *events: JobEvent) -> None:
     with Core too: one multi-row ``INSERT … VALUES`` built once per row count, which for a
     few rows costs less than an executemany (psycopg runs one in pipeline mode)."""
     _lock_users(session, events)
-    params = {f"e{i}_{c}": getattr(e, c) for i, e in enumerate(events) for c in _EVENT_COLUMNS}
+    params = {f"e{i}_{c}": getattr(e, c) for i, e in enumerate(events) for c in EVENT_COLUMNS}
     session.execute(_insert_values(len(events)), params)

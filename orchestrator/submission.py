@@ -6,12 +6,17 @@ it commits (DESIGN principle 2).
 """
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import json
+import threading
+import time
 import uuid
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from sqlalchemy import insert, inspect as sa_inspect, select, update
+from sqlalchemy import Integer, String, bindparam, insert, inspect as sa_inspect, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -20,7 +25,8 @@ from orchestrator.db import Database
 from orchestrator.errors import Conflict, InvalidRequest, NotFound
 from orchestrator.idempotency import KeyedRequest, StoredAnswer
 from orchestrator.jobtypes import JOB_TYPES, VALID_JOB_TYPES, JobType
-from orchestrator.models import Image, Job, Project, Video, utcnow
+from orchestrator.models import (CreditEntry, IdType, Image, Job, Project, UTCDateTime, Video,
+                                 utcnow)
 from orchestrator.queries import canonical_uuid, unstorable
 from orchestrator.prompts import build_negative_prompt
 from orchestrator.status import AssetStatus, JobStatus
@@ -99,10 +105,13 @@ def _check_ids(spec: JobType, req: SubmitRequest) -> SubmitRequest:
     return replace(req, **ids)
 
 
-def _resolve_prompt(session: Session, user_id: str, req: SubmitRequest) -> tuple[str, Project | None]:
-    """Project's enhanced prompt → project's original prompt → metadata.prompt."""
+def _resolve_prompt(session: Session | None, user_id: str,
+                    req: SubmitRequest) -> tuple[str, Project | None]:
+    """Project's enhanced prompt → project's original prompt → metadata.prompt (``session``
+    reads the project; None only for a request without one)."""
     project = None
     if req.project_id:
+        assert session is not None
         project = session.execute(
             select(Project).where(Project.id == req.project_id, Project.user_id == user_id)
         ).scalar_one_or_none()
@@ -138,12 +147,9 @@ def _negative_prompt(spec: JobType, prompt: str, metadata: dict[str, Any]) -> st
 
 def _attach_asset(session: Session, job: Job, spec: JobType, req: SubmitRequest) -> Image | Video:
     """Reuse the row the client pre-created (its own only) or create one."""
-    now = utcnow()
     model = Video if spec.is_video else Image
     given = req.video_id if spec.is_video else req.image_id
-    fields: dict[str, Any] = dict(status=AssetStatus.QUEUED.value, prompt=job.prompt,
-                                  quality=spec.quality, updated_at=now, completed_at=None,
-                                  thumbnail_url=None)
+    fields = _asset_fields(job, spec)
     if given:
         # Only the caller's own jobs: another user's busy row is a 404 like any
         # other user's row (never a 409 naming their job).
@@ -164,17 +170,27 @@ def _attach_asset(session: Session, job: Job, spec: JobType, req: SubmitRequest)
             raise NotFound(f"{'Video' if spec.is_video else 'Image'} not found")
         asset.metadata_ = {**(asset.metadata_ or {}), "bucket": spec.bucket, "job_id": job.id}
         return asset
-    common = dict(id=str(uuid.uuid4()), user_id=job.user_id, project_id=job.project_id,
-                  title=job.prompt[:TITLE_CHARS], created_at=now,
-                  metadata_={"bucket": spec.bucket, "job_id": job.id, "job_type": spec.name},
-                  enhanced_prompt=None, **fields)
-    if spec.is_video:
-        asset = Video(video_url=None, duration=round(spec.frames / spec.fps, 3),
-                      resolution=f"{spec.width}x{spec.height}", format="mp4", **common)
-    else:
-        asset = Image(image_url=None, image_urls=None, generation_mode=spec.name, **common)
+    asset = _new_asset(job, spec)
     session.execute(insert(model.__table__), _values(asset))
     return asset
+
+
+def _asset_fields(job: Job, spec: JobType) -> dict[str, Any]:
+    """What a job (re)sets on its image/video row when it is queued."""
+    return dict(status=AssetStatus.QUEUED.value, prompt=job.prompt, quality=spec.quality,
+                updated_at=job.created_at, completed_at=None, thumbnail_url=None)
+
+
+def _new_asset(job: Job, spec: JobType) -> Image | Video:
+    """The image/video row a job creates when the client did not pre-create one."""
+    common = dict(id=str(uuid.uuid4()), user_id=job.user_id, project_id=job.project_id,
+                  title=job.prompt[:TITLE_CHARS], created_at=job.created_at,
+                  metadata_={"bucket": spec.bucket, "job_id": job.id, "job_type": spec.name},
+                  enhanced_prompt=None, **_asset_fields(job, spec))
+    if spec.is_video:
+        return Video(video_url=None, duration=round(spec.frames / spec.fps, 3),
+                     resolution=f"{spec.width}x{spec.height}", format="mp4", **common)
+    return Image(image_url=None, image_urls=None, generation_mode=spec.name, **common)
 
 
 _COLUMNS: dict[type, list[tuple[str, str]]] = {}
@@ -193,13 +209,54 @@ def _wait_hint(spec: JobType) -> int:
     return max(5, min(60, int(spec.expected_seconds)))
 
 
+class QueueLengths:
+    """The answer's queue length per family, counted by the database at most every
+    ``max_age`` seconds per process (counting a deep queue visits every queued row, the
+    largest cost of a submission to PostgreSQL); in between, the last count plus the jobs
+    this process has queued since. So it can lag the truth by the jobs other processes
+    queued, and the jobs workers took, in the last ``max_age`` seconds: the number a user
+    sees is "about N ahead", never a guarantee. ``max_age`` 0: counted every time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._known: dict[str, tuple[float, int]] = {}  # family → (when counted, length)
+
+    def fresh(self, family: str, max_age: float) -> bool:
+        known = self._known.get(family)
+        return known is not None and time.monotonic() - known[0] < max_age
+
+    def counted(self, family: str, waiting: int) -> int:
+        """The database counted ``waiting`` jobs before this one: this one is next."""
+        with self._lock:
+            self._known[family] = (time.monotonic(), waiting + 1)
+        return waiting + 1
+
+    def one_more(self, family: str) -> int:
+        with self._lock:
+            when, length = self._known[family]
+            self._known[family] = (when, length + 1)
+        return length + 1
+
+
+_queue_lengths: "weakref.WeakKeyDictionary[Database, QueueLengths]" = weakref.WeakKeyDictionary()
+
+
+def queue_lengths(db: Database) -> QueueLengths:
+    """This process's queue lengths for ``db``."""
+    try:
+        return _queue_lengths[db]
+    except KeyError:
+        return _queue_lengths.setdefault(db, QueueLengths())
+
+
 def submit_job(db: Database, user_id: str, req: SubmitRequest, *, max_attempts: int,
                max_active: int = 0, key: KeyedRequest | None = None,
-               answer: Answer | None = None) -> Submitted:
+               answer: Answer | None = None, queue_length_max_age: float = 0.0) -> Submitted:
     """Record and charge a new job; commit before returning.
 
     With ``key`` and ``answer``, the client's answer is stored under its
-    Idempotency-Key in the same transaction as the job.
+    Idempotency-Key in the same transaction as the job. The answer's queue length is
+    counted, or estimated within ``queue_length_max_age`` seconds (:class:`QueueLengths`).
 
     Raises:
         InvalidRequest: unknown type, bad ids or options, no prompt.
@@ -214,13 +271,10 @@ def submit_job(db: Database, user_id: str, req: SubmitRequest, *, max_attempts: 
     num_outputs = _int_option(metadata, "num_images", 1, spec.outputs, spec.outputs)
     job_id = str(uuid.uuid4())
     seed = _int_option(metadata, "seed", 0, 2**32 - 1, derive_seed(job_id))
-    with db.transaction() as session:
-        prompt, project = _resolve_prompt(session, user_id, req)
-        # First statement: it locks the user's profile row (event order, see events).
-        charge = credits.debit(session, user_id, spec.credits, max_active=max_active,
-                               retry_after=_wait_hint(spec), queued_family=spec.family.value)
+
+    def new_job(prompt: str, project: Project | None) -> Job:
         now = utcnow()
-        job = Job(
+        return Job(
             id=job_id, user_id=user_id, job_type=spec.name, family=spec.family.value,
             format=spec.format, quality=spec.quality, model_variant=spec.model_variant,
             status=JobStatus.QUEUED.value, prompt=prompt,
@@ -232,6 +286,23 @@ def submit_job(db: Database, user_id: str, req: SubmitRequest, *, max_attempts: 
             lease_expires_at=None, created_at=now, updated_at=now, queued_at=now, dispatched_at=None,
             started_at=None, completed_at=None,
         )
+
+    lengths, family = queue_lengths(db), spec.family.value
+    count = not lengths.fresh(family, queue_length_max_age)
+    if db.dialect == "postgresql" and not (req.project_id or req.image_id or req.video_id or key):
+        submitted = _submit_in_one_statement(db, spec, new_job(*_resolve_prompt(None, user_id, req)),
+                                             max_active, count)
+        if submitted is not None:
+            metrics.job_created(spec.name)  # committed: the one place a submission is counted
+            return submitted
+        # Nothing was written: a user without a profile, short of credits or at the cap.
+        # The transaction below creates the profile or raises the error that says which.
+    with db.transaction() as session:
+        prompt, project = _resolve_prompt(session, user_id, req)
+        # First statement: it locks the user's profile row (event order, see events).
+        charge = credits.debit(session, user_id, spec.credits, max_active=max_active,
+                               retry_after=_wait_hint(spec), queued_family=family if count else None)
+        job = new_job(prompt, project)
         asset = _attach_asset(session, job, spec, req)  # first: the job references it
         if spec.is_video:
             job.video_id = asset.id
@@ -242,8 +313,8 @@ def submit_job(db: Database, user_id: str, req: SubmitRequest, *, max_attempts: 
                        reason="job_charge", balance_after=charge.balance, charge_no=1)
         events.write(session, events.job_event(job, "queued"), events.asset_event(asset, job_id))
         # The count ran before this job's row existed: it is last in its queue.
-        submitted = Submitted(job=job, spec=spec, queue_length=charge.queued + 1,
-                              balance=charge.balance)
+        submitted = Submitted(job=job, spec=spec, balance=charge.balance, queue_length=(
+            lengths.counted(family, charge.queued) if count else lengths.one_more(family)))
         if key is not None and answer is not None:
             status, body = answer(submitted)
             try:
@@ -253,6 +324,103 @@ def submit_job(db: Database, user_id: str, req: SubmitRequest, *, max_attempts: 
             submitted = replace(submitted, answer=StoredAnswer(status, body))
     metrics.job_created(spec.name)  # committed: the one place a submission is counted
     return submitted
+
+
+def _submit_in_one_statement(db: Database, spec: JobType, job: Job, max_active: int,
+                             count: bool) -> Submitted | None:
+    """PostgreSQL, a job with nothing to look up first (no project, no pre-created
+    image/video, no Idempotency-Key): the whole submission as one statement run outside a
+    transaction, so it is its own transaction and one round trip (:data:`_ONE_STATEMENT`).
+    It writes the rows the transaction in :func:`submit_job` writes, passed as one JSON
+    document. None when nothing was written (no profile yet, too few credits, at
+    ``max_active``)."""
+    asset = _new_asset(job, spec)
+    if spec.is_video:
+        job.video_id = asset.id
+    else:
+        job.image_id = asset.id
+    doc = {"asset": _record(asset), "job": _record(job),
+           "ledger": {"user_id": job.user_id, "job_id": job.id, "delta": -spec.credits,
+                      "reason": "job_charge", "charge_no": 1, "created_at": job.created_at},
+           "events": [_record(e) for e in (events.job_event(job, "queued"),
+                                           events.asset_event(asset, job.id))]}
+    with db.autocommit() as conn:
+        row = conn.execute(_ONE_STATEMENT[spec.is_video, count], {
+            "user": job.user_id, "amount": spec.credits, "now": job.created_at,
+            "cap": max_active, **({"family": job.family} if count else {}),
+            "doc": json.dumps(doc, default=_json_default, separators=(",", ":"))}).first()
+    if row is None:
+        return None
+    # The count ran before this job's row existed: it is last in its queue.
+    lengths = queue_lengths(db)
+    return Submitted(job=job, spec=spec, balance=row.balance, queue_length=(
+        lengths.counted(job.family, row.queued) if count else lengths.one_more(job.family)))
+
+
+_NAMES: dict[type, list[tuple[str, str]]] = {}
+
+
+def _record(obj: Any) -> dict[str, Any]:
+    """A new ORM object's column values by column name (for ``jsonb_populate_record``)."""
+    cls = type(obj)
+    if cls not in _NAMES:
+        _NAMES[cls] = [(a.columns[0].name, a.key) for a in sa_inspect(cls).column_attrs]
+    return {column: getattr(obj, attr) for column, attr in _NAMES[cls]}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _one_statement_sql(assets: str, count: bool) -> Any:
+    """The submission as one ``WITH`` statement over the JSON document ``:doc``:
+
+    1. ``charged``: the debit, ``UPDATE profiles … RETURNING``, only when the balance
+       covers the price and the user has fewer than ``:cap`` jobs queued or processing
+       (0: no cap). It locks the user's profile row and queues its NOTIFY, as
+       :mod:`orchestrator.events` asks of a transaction that appends events;
+    2. the image/video row, the job, the ledger entry (with the new balance) and the
+       events (job, then asset), each inserted ``FROM charged``: written only when the debit
+       was, and the events' ids are drawn after the lock, in the document's order;
+    3. the answer: the new balance and, with ``count``, the family's queued jobs (this one
+       not yet counted).
+
+    Rows come from ``jsonb_populate_record(NULL::table, …)`` (JSON null is SQL NULL; text to
+    the column's type as PostgreSQL's own input does). Foreign keys are checked at the end
+    of the statement, so the job may reference the asset inserted beside it. Short enough
+    for psycopg's query cache (tests/test_round_trips.py checks)."""
+    ledger = [c for c in CreditEntry.__table__.c.keys() if c != "id"]  # id: its sequence
+    from_ledger = ", ".join("charged.token_balance" if c == "balance_after" else f"r.{c}" for c in ledger)
+    active = ", ".join(f"'{s}'" for s in credits.ACTIVE)
+    queued = (f"(SELECT count(*) FROM jobs WHERE family = :family AND status = "
+              f"'{JobStatus.QUEUED.value}')" if count else "0")
+    return text(f"""WITH d AS (SELECT CAST(:doc AS jsonb) AS doc),
+charged AS (UPDATE profiles SET token_balance = token_balance - :amount, updated_at = :now
+  WHERE id = :user AND token_balance >= :amount AND (:cap = 0 OR (SELECT count(*) FROM jobs
+  WHERE user_id = :user AND status IN ({active})) < :cap)
+  RETURNING token_balance, pg_notify('{events.CHANNEL}', CAST(id AS text))),
+a AS (INSERT INTO {assets} SELECT r.* FROM charged, d,
+  jsonb_populate_record(NULL::{assets}, d.doc -> 'asset') r),
+j AS (INSERT INTO jobs SELECT r.* FROM charged, d, jsonb_populate_record(NULL::jobs, d.doc -> 'job') r),
+l AS (INSERT INTO credit_ledger ({", ".join(ledger)}) SELECT {from_ledger}
+  FROM charged, d, jsonb_populate_record(NULL::credit_ledger, d.doc -> 'ledger') r),
+e AS (INSERT INTO job_events ({", ".join(events.EVENT_COLUMNS)})
+  SELECT {", ".join("r." + c for c in events.EVENT_COLUMNS)} FROM charged, d, jsonb_populate_recordset(
+  NULL::job_events, d.doc -> 'events') WITH ORDINALITY r ORDER BY r.ordinality)
+SELECT token_balance AS balance, {queued} AS queued FROM charged""").bindparams(
+        bindparam("user", type_=IdType), bindparam("amount", type_=Integer),
+        bindparam("now", type_=UTCDateTime()), bindparam("cap", type_=Integer),
+        bindparam("doc", type_=String), *[bindparam("family", type_=String)] * count)
+
+
+#: By (``is_video``, ``count``): the statement writing a video row or an image row, with or
+#: without counting the family's queue.
+_ONE_STATEMENT = {(video, count): _one_statement_sql("videos" if video else "images", count)
+                  for video in (False, True) for count in (False, True)}
 
 
 def retry_job(db: Database, user_id: str, job_id: str, *, max_attempts: int,

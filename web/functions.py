@@ -58,8 +58,8 @@ def submit_and_publish(user_id: str, req: SubmitRequest, answer: Answer) -> Any:
         return idempotent.replay(stored)
     try:
         submitted = submit_job(svc.db, user_id, req, max_attempts=svc.settings.max_attempts,
-                               max_active=svc.settings.max_active_jobs,
-                               key=key, answer=answer)
+                               max_active=svc.settings.max_active_jobs, key=key, answer=answer,
+                               queue_length_max_age=svc.settings.queue_length_max_age)
     except DuplicateKey:
         return idempotent.replay_after_race(key)
     g.job_id = submitted.job.id  # on this request's log lines
