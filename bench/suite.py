@@ -872,7 +872,7 @@ def machine(servers: Servers) -> dict[str, str]:
                                for k in ("fsync", "synchronous_commit", "shared_buffers"))
     packages = ", ".join(f"{p} {pkg_metadata.version(p)}" for p in
                          ("flask", "gunicorn", "celery", "kombu", "sqlalchemy", "psycopg", "redis",
-                          "pydantic", "flask-limiter"))
+                          "pydantic", "limits"))
     head = version_of("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD")
     dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True).stdout.split("\n")

@@ -114,7 +114,7 @@ class Settings:
     #: token seen before is not verified again; exp, nbf and revocation are still
     #: checked on every request (0: no cache, every request verifies its token).
     jwt_cache_size: int = 10000
-    #: flask-limiter rate limit per user on job submission ("" disables).
+    #: Rate limit per user on job submission, every window in one budget ("" disables).
     submit_rate_limit: str = "30/minute;5/second"
     #: Most queued+processing jobs one user may have (0: no cap).
     max_active_jobs: int = 20

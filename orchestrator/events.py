@@ -35,15 +35,25 @@ _publisher: Callable[[set[str]], None] | None = None
 
 def job_event(job: Job, kind: str | None = None) -> JobEvent:
     """An event carrying the job's full new row; ``kind`` defaults to its status."""
-    return JobEvent(user_id=job.user_id, job_id=job.id, entity="job", entity_id=job.id,
-                    type=f"job.{kind or job.status}", payload=job_row(job), created_at=utcnow())
+    return JobEvent(**job_event_values(job, kind))
+
+
+def job_event_values(job: Job, kind: str | None = None) -> dict[str, Any]:
+    """:func:`job_event`'s columns (``EVENT_COLUMNS``), for a statement that inserts them."""
+    return {"user_id": job.user_id, "job_id": job.id, "entity": "job", "entity_id": job.id,
+            "type": f"job.{kind or job.status}", "payload": job_row(job), "created_at": utcnow()}
 
 
 def asset_event(asset: Image | Video, job_id: str | None) -> JobEvent:
+    return JobEvent(**asset_event_values(asset, job_id))
+
+
+def asset_event_values(asset: Image | Video, job_id: str | None) -> dict[str, Any]:
+    """:func:`asset_event`'s columns."""
     entity = "image" if isinstance(asset, Image) else "video"
     payload = image_row(asset) if isinstance(asset, Image) else video_row(asset)
-    return JobEvent(user_id=asset.user_id, job_id=job_id, entity=entity, entity_id=asset.id,
-                    type=f"{entity}.{asset.status}", payload=payload, created_at=utcnow())
+    return {"user_id": asset.user_id, "job_id": job_id, "entity": entity, "entity_id": asset.id,
+            "type": f"{entity}.{asset.status}", "payload": payload, "created_at": utcnow()}
 
 
 def _lock_users(session: Session, events: tuple[JobEvent, ...]) -> None:

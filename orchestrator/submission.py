@@ -16,7 +16,7 @@ import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from sqlalchemy import Integer, String, bindparam, insert, inspect as sa_inspect, select, text, update
+from sqlalchemy import insert, inspect as sa_inspect, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -25,8 +25,7 @@ from orchestrator.db import Database
 from orchestrator.errors import Conflict, InvalidRequest, NotFound
 from orchestrator.idempotency import KeyedRequest, StoredAnswer
 from orchestrator.jobtypes import JOB_TYPES, VALID_JOB_TYPES, JobType
-from orchestrator.models import (CreditEntry, IdType, Image, Job, Project, UTCDateTime, Video,
-                                 utcnow)
+from orchestrator.models import CreditEntry, Image, Job, Project, Video, utcnow
 from orchestrator.queries import canonical_uuid, unstorable
 from orchestrator.prompts import build_negative_prompt
 from orchestrator.status import AssetStatus, JobStatus
@@ -342,10 +341,11 @@ def _submit_in_one_statement(db: Database, spec: JobType, job: Job, max_active: 
     doc = {"asset": _record(asset), "job": _record(job),
            "ledger": {"user_id": job.user_id, "job_id": job.id, "delta": -spec.credits,
                       "reason": "job_charge", "charge_no": 1, "created_at": job.created_at},
-           "events": [_record(e) for e in (events.job_event(job, "queued"),
-                                           events.asset_event(asset, job.id))]}
+           "events": [events.job_event_values(job, "queued"),
+                      events.asset_event_values(asset, job.id)]}
     with db.autocommit() as conn:
-        row = conn.execute(_ONE_STATEMENT[spec.is_video, count], {
+        # The driver's own placeholders: nothing for SQLAlchemy to compile, cache or convert.
+        row = conn.exec_driver_sql(_ONE_STATEMENT[spec.is_video, count], {
             "user": job.user_id, "amount": spec.credits, "now": job.created_at,
             "cap": max_active, **({"family": job.family} if count else {}),
             "doc": json.dumps(doc, default=_json_default, separators=(",", ":"))}).first()
@@ -376,8 +376,9 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _one_statement_sql(assets: str, count: bool) -> Any:
-    """The submission as one ``WITH`` statement over the JSON document ``:doc``:
+def _one_statement_sql(assets: str, count: bool) -> str:
+    """The submission as one ``WITH`` statement (psycopg's placeholders) over the JSON
+    document ``%(doc)s``:
 
     1. ``charged``: the debit, ``UPDATE profiles … RETURNING``, only when the balance
        covers the price and the user has fewer than ``:cap`` jobs queued or processing
@@ -396,12 +397,12 @@ def _one_statement_sql(assets: str, count: bool) -> Any:
     ledger = [c for c in CreditEntry.__table__.c.keys() if c != "id"]  # id: its sequence
     from_ledger = ", ".join("charged.token_balance" if c == "balance_after" else f"r.{c}" for c in ledger)
     active = ", ".join(f"'{s}'" for s in credits.ACTIVE)
-    queued = (f"(SELECT count(*) FROM jobs WHERE family = :family AND status = "
+    queued = (f"(SELECT count(*) FROM jobs WHERE family = %(family)s AND status = "
               f"'{JobStatus.QUEUED.value}')" if count else "0")
-    return text(f"""WITH d AS (SELECT CAST(:doc AS jsonb) AS doc),
-charged AS (UPDATE profiles SET token_balance = token_balance - :amount, updated_at = :now
-  WHERE id = :user AND token_balance >= :amount AND (:cap = 0 OR (SELECT count(*) FROM jobs
-  WHERE user_id = :user AND status IN ({active})) < :cap)
+    return f"""WITH d AS (SELECT CAST(%(doc)s AS jsonb) AS doc),
+charged AS (UPDATE profiles SET token_balance = token_balance - %(amount)s, updated_at = %(now)s
+  WHERE id = %(user)s AND token_balance >= %(amount)s AND (%(cap)s = 0 OR (SELECT count(*)
+  FROM jobs WHERE user_id = %(user)s AND status IN ({active})) < %(cap)s)
   RETURNING token_balance, pg_notify('{events.CHANNEL}', CAST(id AS text))),
 a AS (INSERT INTO {assets} SELECT r.* FROM charged, d,
   jsonb_populate_record(NULL::{assets}, d.doc -> 'asset') r),
@@ -411,10 +412,7 @@ l AS (INSERT INTO credit_ledger ({", ".join(ledger)}) SELECT {from_ledger}
 e AS (INSERT INTO job_events ({", ".join(events.EVENT_COLUMNS)})
   SELECT {", ".join("r." + c for c in events.EVENT_COLUMNS)} FROM charged, d, jsonb_populate_recordset(
   NULL::job_events, d.doc -> 'events') WITH ORDINALITY r ORDER BY r.ordinality)
-SELECT token_balance AS balance, {queued} AS queued FROM charged""").bindparams(
-        bindparam("user", type_=IdType), bindparam("amount", type_=Integer),
-        bindparam("now", type_=UTCDateTime()), bindparam("cap", type_=Integer),
-        bindparam("doc", type_=String), *[bindparam("family", type_=String)] * count)
+SELECT token_balance AS balance, {queued} AS queued FROM charged"""
 
 
 #: By (``is_video``, ``count``): the statement writing a video row or an image row, with or

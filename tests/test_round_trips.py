@@ -206,8 +206,9 @@ def test_one_statement_writes_fit_psycopgs_query_cache() -> None:
                                            True, ())
         shapes.append(completion._one_statement(finish, JobStatus.COMPLETED, True, True, None,
                                                 True))
-    shapes += submission._ONE_STATEMENT.values()
     for stmt in shapes:
         compiled = stmt.compile(dialect=dialect)
         assert len(str(compiled)) <= _queries.MAX_CACHED_STATEMENT_LENGTH
         assert len(compiled.params) <= _queries.MAX_CACHED_STATEMENT_PARAMS
+    for sql in submission._ONE_STATEMENT.values():  # the driver's placeholders already
+        assert len(sql.encode()) <= _queries.MAX_CACHED_STATEMENT_LENGTH
