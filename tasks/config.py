@@ -72,6 +72,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             retry_on_timeout=True)
         conf["redis_socket_connect_timeout"] = settings.publish_timeout
         conf["redis_socket_timeout"] = 5
+        # kombu's Redis transport with one client per channel (tasks.redis_transport).
+        conf["broker_transport"] = "tasks.redis_transport:Transport"
     if _uses_visibility_timeout(settings.result_backend):
         conf["result_backend_transport_options"] = {"visibility_timeout": VISIBILITY_TIMEOUT}
     if broker.startswith("sqla+sqlite"):

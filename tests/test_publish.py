@@ -2,8 +2,12 @@
 down, and the reconciler publishes it later."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import json
 import time
+import uuid
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
@@ -11,6 +15,7 @@ from celery import Celery
 from orchestrator import reconciler
 from orchestrator.config import Settings
 from orchestrator.db import Database
+from orchestrator.jobtypes import JOB_TYPES
 from orchestrator.models import Job, utcnow
 from tasks.publish import publish_job
 from tasks.routing import GENERATION_TASK
@@ -116,3 +121,71 @@ def test_dispatch_marks_thread_ends_when_idle(db: Database, make_user: Any) -> N
     assert wait_until(lambda: marks._thread is None, timeout=IDLE_EXIT_S + 5)
     with db.session() as s:
         assert s.get(Job, again.id).dispatched_at is not None
+
+
+def _messages(redis_client: Any, queue: str) -> list[dict[str, Any]]:
+    """The queue's messages, oldest first, without kombu's per-message delivery tag."""
+    found = []
+    for raw in reversed(redis_client.lrange(queue, 0, -1)):
+        message = json.loads(raw)
+        message["properties"].pop("delivery_tag")
+        found.append(message)
+    return found
+
+
+def test_publish_job_sends_what_apply_async_sends(redis_client: Any) -> None:
+    """publish_job builds the message with the calls send_task makes, minus what a web
+    process never needs: byte for byte the message apply_async would send (body,
+    headers, properties, route), for each family and its time limits."""
+    from tasks.generation import run_generation
+    from tasks.publish import RETRY_POLICY
+    from tasks.routing import route_for
+
+    for job_type in ("sdxl_image_high", "video_high"):
+        spec = JOB_TYPES[job_type]
+        queue = spec.family.value
+        redis_client.delete(queue)
+        job_id = str(uuid.uuid4())
+        run_generation.apply_async(args=(job_id,), task_id=job_id, retry=True,
+                                   retry_policy=RETRY_POLICY, **route_for(spec))
+        publish_job(job_id, job_type)
+        by_celery, ours = _messages(redis_client, queue)
+        assert ours == by_celery
+        assert ours["headers"]["timelimit"] == [spec.hard_time_limit, spec.soft_time_limit]
+        redis_client.delete(queue)
+
+
+def test_redis_broker_reuses_one_client_per_channel(redis_client: Any, monkeypatch: Any) -> None:
+    """kombu's own Redis channel builds a redis.Redis per published message; the service's
+    transport (tasks.redis_transport, chosen for redis:// brokers) keeps one."""
+    import redis as redis_lib
+
+    from tasks.celery_app import celery_app
+    from tasks.redis_transport import Transport
+
+    with celery_app.connection_for_write() as conn:
+        assert isinstance(conn.transport, Transport)
+    made: list[int] = []
+    real_init = redis_lib.Redis.__init__
+
+    def counting_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        made.append(1)
+        real_init(self, *args, **kwargs)
+
+    publish_job(str(uuid.uuid4()), "image_fast")  # the producer pool's channel exists
+    monkeypatch.setattr(redis_lib.Redis, "__init__", counting_init)
+    for _ in range(5):
+        publish_job(str(uuid.uuid4()), "image_fast")
+    assert made == []
+    redis_client.delete("wan")
+
+
+def test_other_brokers_keep_kombus_transport(tmp_path: Path) -> None:
+    from tasks.config import celery_config
+
+    settings = Settings.from_env({"DATABASE_URL": f"sqlite:///{tmp_path}/x.db",
+                                  "BROKER_URL": f"sqla+sqlite:///{tmp_path}/b.db",
+                                  "VAR_DIR": str(tmp_path)})
+    assert "broker_transport" not in celery_config(settings)
+    amqp = dataclasses.replace(settings, broker_url="amqp://guest:guest@127.0.0.1:5672//")
+    assert "broker_transport" not in celery_config(amqp)
