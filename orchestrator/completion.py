@@ -21,7 +21,6 @@ come back as detached :class:`Job` instances.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import functools
 import json
@@ -426,19 +425,6 @@ def _transition(executor: Any, stmt: Any, params: dict[str, Any], status: JobSta
     return None if row is None else _job_of_payload(row[0])
 
 
-@contextlib.contextmanager
-def _writer(db: Database) -> Iterator[Any]:
-    """Where a transition that is one statement runs: on PostgreSQL a connection outside
-    any transaction (no BEGIN and COMMIT round trips: the statement is its transaction),
-    on SQLite a write transaction."""
-    if db.dialect == "postgresql":
-        with db.autocommit() as conn:
-            yield conn
-    else:
-        with db.transaction() as session:
-            yield session
-
-
 # --- transitions ---------------------------------------------------------------------------
 @functools.cache
 def _claim() -> Any:
@@ -461,7 +447,7 @@ def start_job(db: Database, job_id: str, *, worker: str, lease_seconds: int) -> 
     elsewhere, finished, cancelled) or out of attempts: do no work.
     """
     now = utcnow()
-    with _writer(db) as writer:
+    with db.writer() as writer:
         job = _transition(writer, _claim(), {
             "b_id": job_id, "b_now": now, "b_owner": worker,
             "b_lease": now + dt.timedelta(seconds=lease_seconds)}, JobStatus.PROCESSING)
@@ -523,7 +509,7 @@ def renew(db: Database, job_id: str, attempt: int | None, lease_seconds: int, *,
     """Extend a running job's lease; the job, or None when the run is not current.
     ``guards``: more conditions, over :data:`JOBS` columns."""
     now = utcnow()
-    with _writer(db) as writer:
+    with db.writer() as writer:
         return _renew(writer, job_id, attempt, now + dt.timedelta(seconds=lease_seconds), now,
                       guards)
 
@@ -574,7 +560,7 @@ def report_processing(db: Database, job_id: str, *, worker: str, lease_seconds: 
         NotFound: no such job.
     """
     now = utcnow()
-    with _writer(db) as writer:
+    with db.writer() as writer:
         by_type = lease_seconds is None and _dialect(writer) == "postgresql"
         if lease_seconds is None and not by_type:
             job_type = writer.execute(_job_type(), {"b_id": job_id}).scalar_one_or_none()
@@ -614,7 +600,7 @@ def record_progress(db: Database, job_id: str, attempt: int, progress: int, *,
     """Store progress (0–100) and renew the lease. False: the run was cancelled
     or superseded, and the worker should stop."""
     now = utcnow()
-    with _writer(db) as writer:
+    with db.writer() as writer:
         return _transition(writer, _progress(), {
             "b_id": job_id, "b_attempt": attempt, "b_now": now,
             "b_progress": max(0, min(100, progress)),
@@ -690,7 +676,7 @@ def finish_job(db: Database, job_id: str, outcome: Outcome, *, guards: tuple[Any
     completed = status is JobStatus.COMPLETED
     # A completion is one statement (on PostgreSQL its own transaction); a failure also
     # refunds, in the same transaction.
-    with _writer(db) if completed else db.transaction() as writer:
+    with db.writer() if completed else db.transaction() as writer:
         dialect = _dialect(writer)
         if status is JobStatus.COMPLETED:
             result = {"bucket": None, "assets": list(outcome.assets),
@@ -781,5 +767,5 @@ def _dispatched() -> Any:
 
 def mark_dispatched(db: Database, job_id: str) -> None:
     """Note that the job's message reached the broker (the reconciler reads this)."""
-    with _writer(db) as writer:
+    with db.writer() as writer:
         writer.execute(_dispatched(), {"b_id": job_id, "b_now": utcnow()})

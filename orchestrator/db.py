@@ -119,6 +119,18 @@ class Database:
         """A session for reads (on SQLite it does not take the write lock)."""
         return self._sessions()
 
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[Any]:
+        """Where one write statement runs as its own transaction: on PostgreSQL a connection
+        outside any transaction (no BEGIN and COMMIT round trips), on SQLite a write
+        transaction (its BEGIN IMMEDIATE takes the one writer's lock first)."""
+        if self.dialect == "postgresql":
+            with self.autocommit() as conn:
+                yield conn
+        else:
+            with self.transaction() as session:
+                yield session
+
     def autocommit(self) -> Connection:
         """A connection outside any transaction, for a single-statement read: on
         PostgreSQL no BEGIN and no ROLLBACK round trips around it."""

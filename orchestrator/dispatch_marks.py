@@ -18,7 +18,7 @@ import threading
 import time
 import weakref
 
-from sqlalchemy import update
+from sqlalchemy import bindparam, update
 from sqlalchemy.exc import DBAPIError
 
 from orchestrator.db import Database
@@ -40,6 +40,14 @@ _LIVE: "weakref.WeakSet[DispatchMarks]" = weakref.WeakSet()
 def _flush_all() -> None:
     for marks in list(_LIVE):
         marks.close()
+
+
+_JOBS = Job.__table__
+#: Built once: bookkeeping, not a change a client sees, so updated_at stays.
+_MARK = (update(_JOBS)
+         .where(_JOBS.c.id.in_(bindparam("ids", expanding=True)), _JOBS.c.dispatched_at.is_(None))
+         .values(dispatched_at=bindparam("now", type_=_JOBS.c.dispatched_at.type),
+                 updated_at=_JOBS.c.updated_at))  # (or its onupdate default would set it)
 
 
 class DispatchMarks:
@@ -91,12 +99,8 @@ class DispatchMarks:
         for start in range(0, len(ids), BATCH):
             chunk = ids[start:start + BATCH]
             try:
-                with self.db.transaction() as session:
-                    changed += session.execute(
-                        update(Job).where(Job.id.in_(chunk), Job.dispatched_at.is_(None))
-                        # Bookkeeping, not a change a client sees: updated_at stays.
-                        .values(dispatched_at=utcnow(), updated_at=Job.updated_at)
-                        .execution_options(synchronize_session=False)).rowcount or 0
+                with self.db.writer() as conn:
+                    changed += conn.execute(_MARK, {"ids": chunk, "now": utcnow()}).rowcount or 0
             except DBAPIError as e:
                 # Unmarked jobs are published again by the reconciler after the grace;
                 # the duplicate message is skipped at claim.

@@ -137,6 +137,8 @@ class Job(Base):
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
         # The per-user cap on queued+processing jobs, counted at every submission.
         Index("ix_jobs_user_status", "user_id", "status"),
+        # Room on each page for the updates that follow an insert (migration 0005).
+        {"postgresql_with": {"fillfactor": 70}},
     )
 
     id: Mapped[str] = mapped_column(IdType, primary_key=True, default=new_id)
