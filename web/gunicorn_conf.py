@@ -53,7 +53,13 @@ def child_exit(_server: Any, worker: Any) -> None:
 def post_worker_init(worker: Any) -> None:
     """On SIGTERM/SIGQUIT, end this worker's event streams first: otherwise each open
     stream holds the graceful shutdown for up to its whole lifetime (clients reconnect
-    with ``Last-Event-ID`` to another worker)."""
+    with ``Last-Event-ID`` to another worker).
+
+    Then freeze what the worker holds now (the app, its libraries, their module state:
+    ~130,000 objects) out of the garbage collector's reach: they live as long as the
+    process, and every full collection walked them all (~45 ms, one request stalled).
+    """
+    import gc
     import signal
 
     from web import live
@@ -64,3 +70,6 @@ def post_worker_init(worker: Any) -> None:
             _then(signum, frame)
 
         signal.signal(sig, ending)
+
+    gc.collect()
+    gc.freeze()

@@ -43,13 +43,14 @@ def init_app(app: Flask) -> None:
     def _headers(response: Any) -> Any:
         headers = response.headers
         headers["X-Request-Id"] = g.get("request_id") or uuid.uuid4().hex
-        for name, value in COMMON.items():
-            headers.setdefault(name, value)
-        headers.setdefault("Content-Security-Policy",
-                           PAGE_CSP if response.mimetype == "text/html" else API_CSP)
-        headers.setdefault("Cache-Control", "no-store")  # downloads set their own
-        headers.setdefault("Cross-Origin-Resource-Policy",
-                           "cross-origin" if request.blueprint == "files" else "same-origin")
+        wanted = {**COMMON,
+                  "Content-Security-Policy": PAGE_CSP if response.mimetype == "text/html" else API_CSP,
+                  "Cache-Control": "no-store",  # downloads set their own
+                  "Cross-Origin-Resource-Policy":
+                      "cross-origin" if request.blueprint == "files" else "same-origin"}
         if hsts:
-            headers.setdefault("Strict-Transport-Security", "max-age=63072000; includeSubDomains")
+            wanted["Strict-Transport-Security"] = "max-age=63072000; includeSubDomains"
+        # What the view did not set itself (one pass: Headers.setdefault scans the list each).
+        present = {name.lower() for name, _ in headers.items()}
+        headers.extend([(k, v) for k, v in wanted.items() if k.lower() not in present])
         return response
