@@ -6,7 +6,6 @@ it commits (DESIGN principle 2).
 """
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import threading
@@ -27,6 +26,7 @@ from orchestrator.idempotency import KeyedRequest, StoredAnswer
 from orchestrator.jobtypes import JOB_TYPES, VALID_JOB_TYPES, JobType
 from orchestrator.models import CreditEntry, Image, Job, Project, Video, utcnow
 from orchestrator.queries import canonical_uuid, unstorable
+from orchestrator.records import iso
 from orchestrator.prompts import build_negative_prompt
 from orchestrator.status import AssetStatus, JobStatus
 
@@ -338,42 +338,26 @@ def _submit_in_one_statement(db: Database, spec: JobType, job: Job, max_active: 
         job.video_id = asset.id
     else:
         job.image_id = asset.id
-    doc = {"asset": _record(asset), "job": _record(job),
+    # The rows as the event log stores them (records.*_row: every column, JSON-safe) are
+    # also what the statement inserts: each is in the document once.
+    job_event = events.job_event_values(job, "queued")
+    asset_event = events.asset_event_values(asset, job.id)
+    doc = {"job": job_event.pop("payload"), "asset": asset_event.pop("payload"),
            "ledger": {"user_id": job.user_id, "job_id": job.id, "delta": -spec.credits,
-                      "reason": "job_charge", "charge_no": 1, "created_at": job.created_at},
-           "events": [events.job_event_values(job, "queued"),
-                      events.asset_event_values(asset, job.id)]}
+                      "reason": "job_charge", "charge_no": 1, "created_at": iso(job.created_at)},
+           "events": [{**e, "created_at": iso(e["created_at"])} for e in (job_event, asset_event)]}
     with db.autocommit() as conn:
         # The driver's own placeholders: nothing for SQLAlchemy to compile, cache or convert.
         row = conn.exec_driver_sql(_ONE_STATEMENT[spec.is_video, count], {
             "user": job.user_id, "amount": spec.credits, "now": job.created_at,
             "cap": max_active, **({"family": job.family} if count else {}),
-            "doc": json.dumps(doc, default=_json_default, separators=(",", ":"))}).first()
+            "doc": json.dumps(doc, separators=(",", ":"))}).first()
     if row is None:
         return None
     # The count ran before this job's row existed: it is last in its queue.
     lengths = queue_lengths(db)
     return Submitted(job=job, spec=spec, balance=row.balance, queue_length=(
         lengths.counted(job.family, row.queued) if count else lengths.one_more(job.family)))
-
-
-_NAMES: dict[type, list[tuple[str, str]]] = {}
-
-
-def _record(obj: Any) -> dict[str, Any]:
-    """A new ORM object's column values by column name (for ``jsonb_populate_record``)."""
-    cls = type(obj)
-    if cls not in _NAMES:
-        _NAMES[cls] = [(a.columns[0].name, a.key) for a in sa_inspect(cls).column_attrs]
-    return {column: getattr(obj, attr) for column, attr in _NAMES[cls]}
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, dt.datetime):
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to a UTC column")
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def _one_statement_sql(assets: str, count: bool) -> str:
@@ -385,8 +369,9 @@ def _one_statement_sql(assets: str, count: bool) -> str:
        (0: no cap). It locks the user's profile row and queues its NOTIFY, as
        :mod:`orchestrator.events` asks of a transaction that appends events;
     2. the image/video row, the job, the ledger entry (with the new balance) and the
-       events (job, then asset), each inserted ``FROM charged``: written only when the debit
-       was, and the events' ids are drawn after the lock, in the document's order;
+       events (job, then asset, each with its entity's row as payload), each inserted
+       ``FROM charged``: written only when the debit was, and the events' ids are drawn
+       after the lock, in the document's order;
     3. the answer: the new balance and, with ``count``, the family's queued jobs (this one
        not yet counted).
 
@@ -397,6 +382,9 @@ def _one_statement_sql(assets: str, count: bool) -> str:
     ledger = [c for c in CreditEntry.__table__.c.keys() if c != "id"]  # id: its sequence
     from_ledger = ", ".join("charged.token_balance" if c == "balance_after" else f"r.{c}" for c in ledger)
     active = ", ".join(f"'{s}'" for s in credits.ACTIVE)
+    # An event's payload is its entity's row, the one inserted beside it.
+    event_values = [f"CASE r.entity WHEN 'job' THEN d.doc -> 'job' ELSE d.doc -> 'asset' END"
+                    if c == "payload" else f"r.{c}" for c in events.EVENT_COLUMNS]
     queued = (f"(SELECT count(*) FROM jobs WHERE family = %(family)s AND status = "
               f"'{JobStatus.QUEUED.value}')" if count else "0")
     return f"""WITH d AS (SELECT CAST(%(doc)s AS jsonb) AS doc),
@@ -410,7 +398,7 @@ j AS (INSERT INTO jobs SELECT r.* FROM charged, d, jsonb_populate_record(NULL::j
 l AS (INSERT INTO credit_ledger ({", ".join(ledger)}) SELECT {from_ledger}
   FROM charged, d, jsonb_populate_record(NULL::credit_ledger, d.doc -> 'ledger') r),
 e AS (INSERT INTO job_events ({", ".join(events.EVENT_COLUMNS)})
-  SELECT {", ".join("r." + c for c in events.EVENT_COLUMNS)} FROM charged, d, jsonb_populate_recordset(
+  SELECT {", ".join(event_values)} FROM charged, d, jsonb_populate_recordset(
   NULL::job_events, d.doc -> 'events') WITH ORDINALITY r ORDER BY r.ordinality)
 SELECT token_balance AS balance, {queued} AS queued FROM charged"""
 
