@@ -1067,7 +1067,13 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
         "rotating over " + ", ".join(f"`{t}`" for t in JOB_TYPES_MIX) + ". Between runs the "
         "queued jobs are marked completed and `jobs` vacuumed (as if workers had drained the "
         "queue), so every run starts at an empty queue; rows accumulate "
-        f"({qj['jobs_in_db']:,} jobs at the end). Nothing consumes the queues during the run.",
+        f"({qj['jobs_in_db']:,} jobs at the end). Nothing consumes the queues during the run. "
+        f"Each user's token comes back every {args.users:,} requests, so the web's cache of verified "
+        "tokens (`JWT_CACHE_SIZE`, 10,000) misses on a token's first use (the warm-up and "
+        "most of the first run) and hits after that, as for a client that keeps its token; "
+        "the in-process cost below uses a new token per request (every one a miss). The "
+        "answer's `queueLength` is counted by the database at most once a second per family "
+        "and web process (`QUEUE_LENGTH_MAX_AGE`).",
         "- `job-callback`: claims are the first `processing` report of a fresh queued job "
         "(each run its own slice of jobs submitted through the API beforehand); heartbeats "
         "repeat `processing` for 2,000 jobs already processing (one guarded UPDATE renewing the "
