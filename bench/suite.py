@@ -651,7 +651,8 @@ def service_web(servers: Servers, load: Load, workdir: Path, args: argparse.Name
         # can claim (or it wraps round to heartbeats): top the pool up through the API if short.
         warm = claim_run(pool[:len(pool) // 4], args.warmup, "callback-claim-warm")
         pool = pool[len(pool) // 4:]
-        size = int(warm["rps"] * args.duration * 1.4) + 100
+        # The warm-up is slower than the measured runs (cold caches): leave room for twice its rate.
+        size = int(warm["rps"] * args.duration * 2) + 100
         while len(pool) < size * args.runs:
             missing = size * args.runs - len(pool)
             seconds = max(2, int(missing / max(qj_rps, 1) * 1.1) + 1)

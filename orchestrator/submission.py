@@ -365,7 +365,7 @@ def _one_statement_sql(assets: str, count: bool) -> str:
     document ``%(doc)s``:
 
     1. ``charged``: the debit, ``UPDATE profiles … RETURNING``, only when the balance
-       covers the price and the user has fewer than ``:cap`` jobs queued or processing
+       covers the price and the user has fewer than ``%(cap)s`` jobs queued or processing
        (0: no cap). It locks the user's profile row and queues its NOTIFY, as
        :mod:`orchestrator.events` asks of a transaction that appends events;
     2. the image/video row, the job, the ledger entry (with the new balance) and the

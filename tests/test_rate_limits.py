@@ -244,10 +244,12 @@ def test_one_redis_round_trip_per_limited_request(pg_settings: Settings,
     assert user.submit().status_code == 200  # loads the script (NOSCRIPT, SCRIPT LOAD) once
     redis = private_redis.client()
     redis.config_resetstat()
+    marker = private_redis.client()
+    marker.ping()  # connected (and its handshake sent) before the monitor starts
     with redis.monitor() as monitor:
         codes = [user.submit().status_code for _ in range(4)]
         sentinel = f"end-{uuid.uuid4().hex}"
-        private_redis.client().echo(sentinel)
+        marker.echo(sentinel)
         top_level = []
         while True:
             entry = monitor.next_command()
