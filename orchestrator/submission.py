@@ -224,17 +224,16 @@ class QueueLengths:
         known = self._known.get(family)
         return known is not None and time.monotonic() - known[0] < max_age
 
-    def counted(self, family: str, waiting: int) -> int:
-        """The database counted ``waiting`` jobs before this one: this one is next."""
+    def next(self, family: str, waiting: int | None) -> int:
+        """This job's place: after the ``waiting`` jobs the database just counted, or (None:
+        not counted, the last count is fresh) after the ones this process knows of."""
         with self._lock:
-            self._known[family] = (time.monotonic(), waiting + 1)
+            if waiting is None:
+                when, waiting = self._known[family]
+            else:
+                when = time.monotonic()
+            self._known[family] = (when, waiting + 1)
         return waiting + 1
-
-    def one_more(self, family: str) -> int:
-        with self._lock:
-            when, length = self._known[family]
-            self._known[family] = (when, length + 1)
-        return length + 1
 
 
 _queue_lengths: "weakref.WeakKeyDictionary[Database, QueueLengths]" = weakref.WeakKeyDictionary()
@@ -289,11 +288,13 @@ def submit_job(db: Database, user_id: str, req: SubmitRequest, *, max_attempts: 
     lengths, family = queue_lengths(db), spec.family.value
     count = not lengths.fresh(family, queue_length_max_age)
     if db.dialect == "postgresql" and not (req.project_id or req.image_id or req.video_id or key):
-        submitted = _submit_in_one_statement(db, spec, new_job(*_resolve_prompt(None, user_id, req)),
-                                             max_active, count)
-        if submitted is not None:
+        job = new_job(*_resolve_prompt(None, user_id, req))
+        charged = _submit_in_one_statement(db, spec, job, max_active, count)
+        if charged is not None:
+            balance, waiting = charged
             metrics.job_created(spec.name)  # committed: the one place a submission is counted
-            return submitted
+            return Submitted(job=job, spec=spec, balance=balance,
+                             queue_length=lengths.next(family, waiting))
         # Nothing was written: a user without a profile, short of credits or at the cap.
         # The transaction below creates the profile or raises the error that says which.
     with db.transaction() as session:
@@ -302,18 +303,14 @@ def submit_job(db: Database, user_id: str, req: SubmitRequest, *, max_attempts: 
         charge = credits.debit(session, user_id, spec.credits, max_active=max_active,
                                retry_after=_wait_hint(spec), queued_family=family if count else None)
         job = new_job(prompt, project)
-        asset = _attach_asset(session, job, spec, req)  # first: the job references it
-        if spec.is_video:
-            job.video_id = asset.id
-        else:
-            job.image_id = asset.id
+        asset = _link(job, spec, _attach_asset(session, job, spec, req))  # first: the job references it
         session.execute(insert(Job.__table__), _values(job))
         credits.record(session, user_id=user_id, job_id=job_id, delta=-spec.credits,
                        reason="job_charge", balance_after=charge.balance, charge_no=1)
         events.write(session, events.job_event(job, "queued"), events.asset_event(asset, job_id))
         # The count ran before this job's row existed: it is last in its queue.
-        submitted = Submitted(job=job, spec=spec, balance=charge.balance, queue_length=(
-            lengths.counted(family, charge.queued) if count else lengths.one_more(family)))
+        submitted = Submitted(job=job, spec=spec, balance=charge.balance,
+                              queue_length=lengths.next(family, charge.queued if count else None))
         if key is not None and answer is not None:
             status, body = answer(submitted)
             try:
@@ -325,19 +322,25 @@ def submit_job(db: Database, user_id: str, req: SubmitRequest, *, max_attempts: 
     return submitted
 
 
-def _submit_in_one_statement(db: Database, spec: JobType, job: Job, max_active: int,
-                             count: bool) -> Submitted | None:
-    """PostgreSQL, a job with nothing to look up first (no project, no pre-created
-    image/video, no Idempotency-Key): the whole submission as one statement run outside a
-    transaction, so it is its own transaction and one round trip (:data:`_ONE_STATEMENT`).
-    It writes the rows the transaction in :func:`submit_job` writes, passed as one JSON
-    document. None when nothing was written (no profile yet, too few credits, at
-    ``max_active``)."""
-    asset = _new_asset(job, spec)
+def _link(job: Job, spec: JobType, asset: Image | Video) -> Image | Video:
+    """The job's reference to its image or video row."""
     if spec.is_video:
         job.video_id = asset.id
     else:
         job.image_id = asset.id
+    return asset
+
+
+def _submit_in_one_statement(db: Database, spec: JobType, job: Job, max_active: int,
+                             count: bool) -> tuple[int, int | None] | None:
+    """PostgreSQL, a job with nothing to look up first (no project, no pre-created
+    image/video, no Idempotency-Key): the whole submission as one statement run outside a
+    transaction, so it is its own transaction and one round trip (:data:`_ONE_STATEMENT`).
+    It writes the rows the transaction in :func:`submit_job` writes, passed as one JSON
+    document. The new balance and, with ``count``, the family's jobs waiting before this
+    one; None when nothing was written (no profile yet, too few credits, at
+    ``max_active``)."""
+    asset = _link(job, spec, _new_asset(job, spec))
     # The rows as the event log stores them (records.*_row: every column, JSON-safe) are
     # also what the statement inserts: each is in the document once.
     job_event = events.job_event_values(job, "queued")
@@ -352,12 +355,8 @@ def _submit_in_one_statement(db: Database, spec: JobType, job: Job, max_active: 
             "user": job.user_id, "amount": spec.credits, "now": job.created_at,
             "cap": max_active, **({"family": job.family} if count else {}),
             "doc": json.dumps(doc, separators=(",", ":"))}).first()
-    if row is None:
-        return None
     # The count ran before this job's row existed: it is last in its queue.
-    lengths = queue_lengths(db)
-    return Submitted(job=job, spec=spec, balance=row.balance, queue_length=(
-        lengths.counted(job.family, row.queued) if count else lengths.one_more(job.family)))
+    return None if row is None else (row.balance, row.queued if count else None)
 
 
 def _one_statement_sql(assets: str, count: bool) -> str:
