@@ -155,6 +155,111 @@ def test_publish_job_sends_what_apply_async_sends(redis_client: Any) -> None:
         redis_client.delete(queue)
 
 
+def test_publish_job_fills_the_routes_template_per_job_and_thread(redis_client: Any,
+                                                                 monkeypatch: Any) -> None:
+    """After a route's first job, publish_job sends without Celery: the template Celery made,
+    with each job's own id (also inside the base64 body), its thread's reply-to and a fresh
+    delivery tag, exactly what apply_async would send from that thread."""
+    import base64
+    import threading
+
+    from tasks import publish as publishing
+    from tasks.generation import run_generation
+    from tasks.publish import RETRY_POLICY
+    from tasks.routing import route_for
+
+    spec = JOB_TYPES["image_fast"]
+    publish_job(str(uuid.uuid4()), "image_fast")  # the route's template exists
+    redis_client.delete("wan")
+
+    def no_celery(*_: Any) -> None:
+        raise AssertionError("published through Celery")
+
+    monkeypatch.setattr(publishing, "_publish_with_celery", no_celery)
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    publish_job(ids[0], "image_fast")
+    publish_job(ids[1], "image_fast")
+    thread = threading.Thread(target=publish_job, args=(ids[2], "image_fast"))
+    thread.start()
+    thread.join()
+    ours = _messages(redis_client, "wan")
+    assert [m["headers"]["id"] for m in ours] == ids
+    for job_id, message in zip(ids, ours):
+        assert json.loads(base64.b64decode(message["body"]))[0] == [job_id]
+        assert message["headers"]["argsrepr"] == repr((job_id,))
+        assert message["properties"]["correlation_id"] == job_id
+    assert ours[0]["properties"]["reply_to"] == run_generation.app.thread_oid
+    assert ours[2]["properties"]["reply_to"] != ours[0]["properties"]["reply_to"]
+    tags = {json.loads(raw)["properties"]["delivery_tag"] for raw in redis_client.lrange("wan", 0, -1)}
+    assert len(tags) == 3
+
+    # The other thread's message is apply_async's from that thread.
+    monkeypatch.undo()
+    redis_client.delete("wan")
+    sent: list[Any] = []
+
+    def both(job_id: str) -> None:
+        run_generation.apply_async(args=(job_id,), task_id=job_id, retry=True,
+                                   retry_policy=RETRY_POLICY, **route_for(spec))
+        publish_job(job_id, "image_fast")
+        sent.append(job_id)
+
+    thread = threading.Thread(target=both, args=(str(uuid.uuid4()),))
+    thread.start()
+    thread.join()
+    by_celery, ours_too = _messages(redis_client, "wan")
+    assert sent and ours_too == by_celery
+    redis_client.delete("wan")
+
+
+def test_a_failed_lpush_is_published_through_celery(redis_client: Any, monkeypatch: Any) -> None:
+    """The template's LPUSH failing (say a connection reset) costs nothing: Celery's path,
+    with its reconnects and retries, sends the message; the next job gets a new template."""
+    import redis as redis_lib
+
+    from tasks import publish as publishing
+
+    publish_job(str(uuid.uuid4()), "sdxl_image_fast")
+    redis_client.delete("sdxl")
+    (key, template), = [(k, t) for k, t in publishing._templates.items() if k[1] == "sdxl"
+                        and t is not None and k[2] == JOB_TYPES["sdxl_image_fast"].hard_time_limit]
+
+    def reset(*_: Any) -> None:
+        raise redis_lib.ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(template.client, "lpush", reset)
+    job_id = str(uuid.uuid4())
+    publish_job(job_id, "sdxl_image_fast")
+    assert [m["headers"]["id"] for m in _messages(redis_client, "sdxl")] == [job_id]
+    assert key not in publishing._templates
+    publish_job(str(uuid.uuid4()), "sdxl_image_fast")
+    assert publishing._templates[key] is not template
+    assert redis_client.llen("sdxl") == 2
+    redis_client.delete("sdxl")
+
+
+def test_publish_signal_receivers_see_every_job(redis_client: Any) -> None:
+    """With receivers of Celery's publish signals connected (an APM, say), every job goes
+    through Celery, so they see each message."""
+    from celery import signals
+
+    publish_job(str(uuid.uuid4()), "video_fast")  # a template exists
+    seen: list[str] = []
+
+    def receiver(headers: dict[str, Any] | None = None, **_: Any) -> None:
+        seen.append(headers["id"])
+
+    signals.before_task_publish.connect(receiver, weak=False)
+    try:
+        job_id = str(uuid.uuid4())
+        publish_job(job_id, "video_fast")
+    finally:
+        signals.before_task_publish.disconnect(receiver)
+    assert seen == [job_id]
+    assert _messages(redis_client, "wan")[-1]["headers"]["id"] == job_id
+    redis_client.delete("wan")
+
+
 def test_redis_broker_reuses_one_client_per_channel(redis_client: Any, monkeypatch: Any) -> None:
     """kombu's own Redis channel builds a redis.Redis per published message; the service's
     transport (tasks.redis_transport, chosen for redis:// brokers) keeps one."""
