@@ -7,7 +7,7 @@
 Runs the app in this process (Flask's test client, no HTTP server, the
 environment's settings: ``DATABASE_URL``, ``REDIS_URL``… or ``NAIVE_*``) and
 prints one JSON object: per request, the wall and CPU time without a profiler, the SQL
-statements and COMMITs sent (SQLAlchemy engine events), the Redis commands
+statements and COMMITs sent (counted at the driver, psycopg), the Redis commands
 (``INFO commandstats`` of the server, before and after), the Python function
 calls and the time blocked on PostgreSQL and Redis (cProfile), and the
 functions with the most cumulative time.
@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import redis as redis_lib
-from sqlalchemy import event
-from sqlalchemy.engine import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from tests.helpers import count_statements  # noqa: E402
 
 
 def _redis_calls(client: redis_lib.Redis) -> collections.Counter[str]:
@@ -68,14 +68,6 @@ def main() -> None:
     args = parser.parse_args()
     _, send = _requests(args.kind, args)
     n = args.requests
-    statements: collections.Counter[str] = collections.Counter()
-
-    def on_execute(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
-        statements[statement.split(None, 1)[0].upper()] += 1
-
-    def on_commit(conn: Any) -> None:
-        statements["COMMIT"] += 1
-
     def run(offset: int, count: int) -> None:
         for i in range(offset, offset + count):
             r = send(i)
@@ -91,11 +83,12 @@ def main() -> None:
     # 2. round trips
     rc = redis_lib.Redis.from_url(args.redis)
     redis_before = _redis_calls(rc)
-    event.listen(Engine, "before_cursor_execute", on_execute)
-    event.listen(Engine, "commit", on_commit)
-    run(30 + n, n)
-    event.remove(Engine, "before_cursor_execute", on_execute)
-    event.remove(Engine, "commit", on_commit)
+    seen, stop = count_statements(None)  # at the driver: every PostgreSQL statement and COMMIT
+    try:
+        run(30 + n, n)
+    finally:
+        stop()
+    statements = collections.Counter(seen)
     redis_after = _redis_calls(rc)
     redis_after.subtract(redis_before)
     redis_after.pop("info", None)

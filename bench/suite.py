@@ -1020,8 +1020,8 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
             "",
             "What one request costs, counted in-process by `bench/request_cost.py` (Flask's test "
             "client, one request at a time, no HTTP server, so no gunicorn or HTTP parsing; wall and "
-            "CPU time (`time.process_time`) without a profiler; SQL from SQLAlchemy's engine "
-            "events; Redis from the server's `INFO commandstats`; Python function calls from "
+            "CPU time (`time.process_time`) without a profiler; SQL counted at the driver "
+            "(psycopg's cursors and commits); Redis from the server's `INFO commandstats`; Python function calls from "
             "cProfile):",
             "",
             "| request | wall ms | CPU ms of the app's process | SQL round trips (statements + "

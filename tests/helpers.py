@@ -61,3 +61,64 @@ def wait_until(check: Callable[[], Any], timeout: float = 3.0, interval: float =
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
+
+
+def count_statements(engine: Any, thread: int | None = None) -> tuple[list[str], Callable[[], None]]:
+    """What is sent to ``engine``'s database (every PostgreSQL database when None) by
+    ``thread`` (every thread when None), until the returned ``stop()``: the first word of
+    each statement, and ``COMMIT`` for each commit. PostgreSQL's are counted at the driver
+    (psycopg's cursors and connections), so a statement on a bare driver cursor
+    (``Database.driver_cursor``) counts as much as one through SQLAlchemy; SQLite's through
+    the engine's events."""
+    import threading
+
+    from sqlalchemy import event
+
+    seen: list[str] = []
+
+    def mine() -> bool:
+        return thread is None or threading.get_ident() == thread
+
+    def word(statement: Any) -> str:
+        text = statement.decode() if isinstance(statement, bytes) else str(statement)
+        return text.split(None, 1)[0].upper()
+
+    if engine is None or engine.dialect.name == "postgresql":
+        import psycopg
+
+        database = None if engine is None else engine.url.database
+        patched = [(psycopg.Cursor, "execute"), (psycopg.Cursor, "executemany"),
+                   (psycopg.Connection, "commit")]
+        originals = [getattr(cls, name) for cls, name in patched]
+
+        def counting(cls: Any, name: str, original: Any) -> Any:
+            def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+                conn = self if cls is psycopg.Connection else self.connection
+                if mine() and database in (None, conn.info.dbname):
+                    seen.append("COMMIT" if name == "commit" else word(args[0]))
+                return original(self, *args, **kwargs)
+            return wrapper
+
+        for (cls, name), original in zip(patched, originals):
+            setattr(cls, name, counting(cls, name, original))
+
+        def stop() -> None:
+            for (cls, name), original in zip(patched, originals):
+                setattr(cls, name, original)
+        return seen, stop
+
+    def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if mine():
+            seen.append(word(statement))
+
+    def on_commit(conn: Any) -> None:
+        if mine():
+            seen.append("COMMIT")
+
+    event.listen(engine, "before_cursor_execute", on_execute)
+    event.listen(engine, "commit", on_commit)
+
+    def stop_events() -> None:
+        event.remove(engine, "before_cursor_execute", on_execute)
+        event.remove(engine, "commit", on_commit)
+    return seen, stop_events

@@ -9,7 +9,7 @@ import uuid
 from typing import Any
 
 import psycopg
-from sqlalchemy import event, text
+from sqlalchemy import text
 
 from orchestrator import completion, submission
 from orchestrator import db as db_module
@@ -17,7 +17,7 @@ from orchestrator.db import Database
 from orchestrator.models import Job
 from orchestrator.status import JobStatus
 from tests.conftest import PG_ADMIN, wipe
-from tests.helpers import submit
+from tests.helpers import count_statements, submit
 
 # Round trips per request for a returning user (profile exists). PostgreSQL: one WITH
 # statement run outside a transaction (so it is its own: no BEGIN, no COMMIT) that debits
@@ -31,7 +31,7 @@ QUEUE_JOB_BUDGET = {"postgresql": 1, "sqlite": 7}
 
 def _count(app: Any) -> tuple[list[str], Any]:
     """This thread's statements (the request's, not the dispatch-mark thread's)."""
-    return _count_engine(app.extensions["orchestrator"].db.engine, threading.get_ident())
+    return count_statements(app.extensions["orchestrator"].db.engine, threading.get_ident())
 
 
 def test_queue_job_statement_budget(app: Any, client: Any, make_user: Any) -> None:
@@ -65,28 +65,6 @@ CALLBACK_BUDGET = {"claim": {"postgresql": 1, "sqlite": 6},
                    "heartbeat": {"postgresql": 1, "sqlite": 4}}
 
 
-def _count_engine(engine: Any, thread: int | None = None) -> tuple[list[str], Any]:
-    """Statements and COMMITs sent on ``engine`` (by ``thread`` only, when given)."""
-    seen: list[str] = []
-
-    def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if thread is None or threading.get_ident() == thread:
-            seen.append(statement.split(None, 1)[0].upper())
-
-    def on_commit(conn: Any) -> None:
-        if thread is None or threading.get_ident() == thread:
-            seen.append("COMMIT")
-
-    event.listen(engine, "before_cursor_execute", on_execute)
-    event.listen(engine, "commit", on_commit)
-
-    def stop() -> None:
-        event.remove(engine, "before_cursor_execute", on_execute)
-        event.remove(engine, "commit", on_commit)
-
-    return seen, stop
-
-
 def _one_transaction(statements: list[str], dialect: str) -> bool:
     """PostgreSQL: one statement outside a transaction; SQLite: one COMMIT."""
     if dialect == "postgresql":
@@ -103,7 +81,7 @@ def _assert_one_transition(statements: list[str], dialect: str) -> None:
 def test_worker_transitions_statement_budget(db: Database) -> None:
     user = str(uuid.uuid4())
     job = submit(db, user, "sdxl_image_fast", num_images=1)
-    seen, stop = _count_engine(db.engine)
+    seen, stop = count_statements(db.engine, threading.get_ident())
     try:
         claimed = completion.start_job(db, job.id, worker="host:1", lease_seconds=60)
         claim, seen[:] = list(seen), []
@@ -162,6 +140,51 @@ def test_an_idle_pooled_connection_is_checked_before_use(pg_database: str,
         time.sleep(0.3)
         with db.transaction() as session:
             assert session.execute(text("SELECT pg_backend_pid()")).scalar_one() != pid
+    finally:
+        db.dispose()
+
+
+def test_driver_cursor_keeps_what_a_connection_does_on_errors(pg_database: str) -> None:
+    """Database.driver_cursor (the submission's one statement): each statement is its own
+    transaction; a driver error comes out as SQLAlchemy's (the web answers a lost database
+    503 and a refused value 400 from those); a connection found dead leaves the pool and the
+    next use gets a live one; the connection goes back to the pool out of autocommit."""
+    from sqlalchemy.exc import DataError, OperationalError
+
+    db = Database(pg_database, pool_size=1, max_overflow=0)
+    try:
+        with db.driver_cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid(), now() = statement_timestamp()")
+            pid, own_transaction = cursor.fetchone()
+        assert own_transaction
+        with db.driver_cursor() as cursor:
+            cursor.execute("SELECT txid_current()")
+            first = cursor.fetchone()[0]
+            cursor.execute("SELECT txid_current()")
+            assert cursor.fetchone()[0] != first  # no transaction spans two statements
+        try:
+            with db.driver_cursor() as cursor:
+                cursor.execute("SELECT CAST(%(v)s AS integer)", {"v": "not a number"})
+        except DataError as e:
+            assert not e.connection_invalidated
+        else:
+            raise AssertionError("no DataError")
+        with db.transaction() as session:  # the pooled connection, back out of autocommit
+            assert session.execute(text("SELECT pg_backend_pid()")).scalar_one() == pid
+            assert session.connection().connection.driver_connection.autocommit is False
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        time.sleep(0.1)
+        try:
+            with db.driver_cursor() as cursor:
+                cursor.execute("SELECT 1")
+        except OperationalError as e:
+            assert e.connection_invalidated
+        else:
+            raise AssertionError("no OperationalError")
+        with db.driver_cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            assert cursor.fetchone()[0] != pid
     finally:
         db.dispose()
 
