@@ -1,0 +1,194 @@
+"""`queue-job` against the naive reference in alternating runs, with where the CPU goes
+(by hand, not in CI; ``make bench`` stays the reference run).
+
+    .venv/bin/python -m bench.paired [--runs 4] [--duration 6] [--b-env KEY=VALUE,...]
+
+``make bench`` measures the naive reference, then the service, minutes apart; on a
+machine whose speed drifts that moves the ratio by ±0.1. Here both (and, with
+``--b-env``, a second service stack with those environment overrides, to compare a
+setting) stay up on one private PostgreSQL and Redis and take turns, ``--duration``
+seconds each, with the bench's load (``bench.suite``: the Procfile's ``web`` line, wrk,
+8 connections, a new connection per request, 4,000 users, six job types). Each run
+prints, per request: the CPU of the gunicorn workers (``web``, with its system part),
+of PostgreSQL's processes (``pg``, system part) and of Redis, the machine's idle share,
+req/s and p99; for the service also what its database did (commits, rows, WAL bytes
+and records from ``pg_stat_database`` and ``pg_stat_wal``). Then the medians and the
+paired ratios (each service run ÷ the naive run next to it).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psycopg
+import redis as redis_lib
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import suite  # noqa: E402
+
+DB_STATS = ("commits", "rows_inserted", "rows_updated", "wal_bytes", "wal_records")
+
+
+def _cpu(pids: list[int], system_only: bool = False) -> float:
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        st = suite._stat(pid)
+        if st:
+            total += int(st[12]) if system_only else int(st[11]) + int(st[12])
+    return total / tick
+
+
+def _machine() -> tuple[int, int]:
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields)  # idle + iowait, all
+
+
+def _named(prefix: str) -> list[int]:
+    found = []
+    for pid in suite._pids():
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().startswith(prefix):
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def _db_stats(url: str) -> tuple[int, ...]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT xact_commit, tup_inserted, tup_updated, "
+            "(pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint, (SELECT wal_records FROM pg_stat_wal) "
+            "FROM pg_stat_database WHERE datname = current_database()").fetchone()
+
+
+class Target:
+    def __init__(self, name: str, url: str, lines: Path, master: int,
+                 between: Callable[[], None], db_url: str | None = None) -> None:
+        self.name, self.url, self.lines, self.master = name, url, lines, master
+        self.between, self.db_url = between, db_url
+        self.runs: list[dict[str, float]] = []
+
+    def measure(self, load: suite.Load, seconds: int) -> dict[str, float]:
+        web = suite.group_pids(self.master)
+        pg, rd = _named("postgres"), _named("redis-server")
+        before = (_cpu(web), _cpu(web, True), _cpu(pg), _cpu(pg, True), _cpu(rd), _machine(),
+                  _db_stats(self.db_url) if self.db_url else None)
+        r = load.wrk_once(self.url, self.lines, seconds)
+        after = (_cpu(web), _cpu(web, True), _cpu(pg), _cpu(pg, True), _cpu(rd), _machine())
+        n = max(r["requests"], 1)
+        row = {k: (after[i] - before[i]) * 1000 / n
+               for i, k in enumerate(("web_ms", "web_sys_ms", "pg_ms", "pg_sys_ms", "redis_ms"))}
+        idle, total = after[5][0] - before[5][0], after[5][1] - before[5][1]
+        row.update(idle_pct=100 * idle / max(total, 1), rps=r["rps"], p99_ms=r["p99_us"] / 1000,
+                   errors=r["errors"])
+        if self.db_url:
+            time.sleep(0.6)  # PostgreSQL publishes its counters every 500 ms
+            for k, a, b in zip(DB_STATS, before[6], _db_stats(self.db_url)):
+                row[k] = (b - a) / n
+        self.between()
+        self.runs.append(row)
+        print(f"{self.name:8s} " + " ".join(f"{k}={v:.2f}" for k, v in row.items()), flush=True)
+        return row
+
+
+def _service(servers: suite.Servers, load: suite.Load, workdir: Path, name: str,
+             redis_db: int, overrides: dict[str, str], stack: contextlib.ExitStack) -> Target:
+    var = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))
+    svc = suite.make_stack("postgres-redis", var, ("web",), redis_db=redis_db,
+                           SUBMIT_RATE_LIMIT="30/minute;5/second", MAX_ACTIVE_JOBS="20",
+                           **overrides)
+    stack.enter_context(svc.running())
+    users = suite._users(svc, 4000, 100_000)
+    rows = []
+    for i in range(2 * len(users)):
+        job_type = suite.JOB_TYPES_MIX[(i + i // len(users)) % len(suite.JOB_TYPES_MIX)]
+        rows.append(("POST", "/functions/v1/queue-job", users[i % len(users)][1],
+                     json.dumps({"jobType": job_type,
+                                 "metadata": {"prompt": f"a lighthouse on a cliff, take {i}"}})))
+    pg_url = svc.env["DATABASE_URL"].replace("postgresql+psycopg://", "postgresql://")
+    broker = redis_lib.Redis.from_url(svc.env["BROKER_URL"])
+
+    def drain() -> None:  # as bench.suite: every run starts at an empty queue
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("UPDATE jobs SET status = 'completed', completed_at = now() "
+                         "WHERE status = 'queued'")
+            conn.execute("VACUUM ANALYZE jobs")
+        broker.delete("sdxl", "wan")
+
+    return Target(name, svc.base_url, load.lines(name, rows), svc.procs["web"].pid, drain, pg_url)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=4)
+    parser.add_argument("--duration", type=int, default=6, help="seconds per wrk run")
+    parser.add_argument("--b-env", default="", help="KEY=VALUE,...: a second service stack "
+                        "with these environment overrides, measured in turn with the first")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-paired-"))
+    load = suite.Load(workdir, argparse.Namespace(threads=1, connections=8, keepalive=False,
+                                                  warmup=3, duration=args.duration, runs=1))
+    servers = suite.Servers(workdir, "private")
+    try:
+        with contextlib.ExitStack() as stack:
+            from bench.naive_app import create_schema
+
+            _, naive_db = servers.create_database("bench_naive")
+            create_schema(naive_db)
+            env = {k: v for k, v in os.environ.items()
+                   if k not in {"DATABASE_URL", "BROKER_URL", "RESULT_BACKEND", "REDIS_URL"}}
+            (workdir / "flask").mkdir()
+            env.update(VAR_DIR=str(workdir / "flask"), WEB_CONCURRENCY="2", PYTHONUNBUFFERED="1",
+                       PATH=f"{suite.BIN}{os.pathsep}{env.get('PATH', '')}",
+                       PORT=str(suite.free_port()), NAIVE_DATABASE_URL=naive_db,
+                       NAIVE_BROKER_URL=f"redis://127.0.0.1:{servers.redis.port}/3")
+            proc, url = suite.start_gunicorn("bench.naive_app:create_naive()", env,
+                                             workdir / "flask", "/healthz")
+            stack.callback(suite.stop_process, proc)
+            naive_broker = redis_lib.Redis(port=servers.redis.port, db=3)
+            naive = Target("naive", url, load.lines("naive", [
+                ("POST", "/submit", "", json.dumps({
+                    "jobType": suite.JOB_TYPES_MIX[i % len(suite.JOB_TYPES_MIX)],
+                    "metadata": {"prompt": f"a lighthouse {i}"}})) for i in range(600)]),
+                proc.pid, lambda: naive_broker.delete("naive"))
+            targets = [naive, _service(servers, load, workdir, "service", 1, {}, stack)]
+            if args.b_env:
+                overrides = dict(kv.split("=", 1) for kv in args.b_env.split(",") if kv)
+                targets.append(_service(servers, load, workdir, "serviceB", 2, overrides, stack))
+            for t in targets:  # warm-up: connections, caches, the first tokens
+                load.wrk_once(t.url, t.lines, 3 if t is naive else 8)
+                t.between()
+            for i in range(args.runs):
+                services = targets[1:] if i % 2 == 0 else targets[:0:-1]  # B first every other run
+                for t in [naive, *services]:
+                    t.measure(load, args.duration)
+            for t in targets:
+                med = {k: statistics.median(r[k] for r in t.runs) for k in t.runs[0]}
+                print(f"median {t.name:8s} " + " ".join(f"{k}={v:.2f}" for k, v in med.items()))
+            for t in targets[1:]:
+                ratios = sorted(s["rps"] / n["rps"] for n, s in zip(naive.runs, t.runs))
+                print(f"{t.name} / naive req/s, paired: " + " ".join(f"{r:.3f}" for r in ratios)
+                      + f" (median {statistics.median(ratios):.3f})")
+            if len(targets) == 3:
+                ratios = sorted(b["rps"] / a["rps"] for a, b in zip(targets[1].runs, targets[2].runs))
+                print("serviceB / service req/s, paired: " + " ".join(f"{r:.3f}" for r in ratios)
+                      + f" (median {statistics.median(ratios):.3f})")
+    finally:
+        servers.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
