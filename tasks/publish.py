@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery import signals
 
 from orchestrator.jobtypes import JOB_TYPES
@@ -32,12 +33,15 @@ def publish_job(job_id: str, job_type: str) -> None:
 
     On a Redis broker it is the message Celery built for the route's first job of this
     process with this job's id, task id, reply-to and delivery tag put in, and one
-    ``LPUSH`` (:class:`_Template`): about a quarter of Celery's Python time. Every other
+    ``LPUSH`` (:class:`_Template`): about a third of Celery's CPU time. Every other
     broker, a failed ``LPUSH``, and anything that must see each message (publish
-    signals' receivers, task-sent events) go through Celery (:func:`_publish_with_celery`).
+    signals' receivers, task-sent events) go through Celery (:func:`_publish_with_celery`),
+    except an ``LPUSH`` that timed out: a broker that stopped answering would only make
+    the request wait a second time (the caller leaves the job to the reconciler).
 
     Raises:
-        Exception: whatever kombu raises when the broker cannot take it.
+        Exception: whatever kombu raises when the broker cannot take it; redis-py's
+        ``TimeoutError`` when the ``LPUSH`` timed out.
     """
     route = route_for(JOB_TYPES[job_type])
     app = run_generation.app
@@ -54,9 +58,11 @@ def publish_job(job_id: str, job_type: str) -> None:
             template.send(job_id, app.thread_oid)
             return
         except Exception as e:  # noqa: BLE001 - Celery's path retries, reconnects or raises
+            _templates.pop(key, None)  # built again, on a fresh client, by the next job
+            if isinstance(e, redis.TimeoutError):
+                raise  # a broker that stopped answering: no second wait through Celery
             log.info("broker LPUSH failed (%s); publishing job %s through Celery",
                      type(e).__name__, job_id)
-            _templates.pop(key, None)  # built again, on a fresh client, by the next job
     _publish_with_celery(job_id, route)
 
 

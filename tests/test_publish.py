@@ -214,7 +214,8 @@ def test_publish_job_fills_the_routes_template_per_job_and_thread(redis_client: 
 
 def test_a_failed_lpush_is_published_through_celery(redis_client: Any, monkeypatch: Any) -> None:
     """The template's LPUSH failing (say a connection reset) costs nothing: Celery's path,
-    with its reconnects and retries, sends the message; the next job gets a new template."""
+    with its reconnects and retries, sends the message; the next job gets a new template.
+    One that timed out is not sent again through Celery."""
     import redis as redis_lib
 
     from tasks import publish as publishing
@@ -236,6 +237,26 @@ def test_a_failed_lpush_is_published_through_celery(redis_client: Any, monkeypat
     assert publishing._templates[key] is not template
     assert redis_client.llen("sdxl") == 2
     redis_client.delete("sdxl")
+
+    # A broker that stopped answering: no second wait through Celery; the caller
+    # (publish_committed) leaves the job to the reconciler.
+    template = publishing._templates[key]
+
+    def hang(*_: Any) -> None:
+        raise redis_lib.TimeoutError("Timeout reading from socket")
+
+    def no_celery(*_: Any) -> None:
+        raise AssertionError("published through Celery after a timeout")
+
+    monkeypatch.setattr(template.client, "lpush", hang)
+    monkeypatch.setattr(publishing, "_publish_with_celery", no_celery)
+    try:
+        publish_job(str(uuid.uuid4()), "sdxl_image_fast")
+    except redis_lib.TimeoutError:
+        pass
+    else:
+        raise AssertionError("no TimeoutError")
+    assert key not in publishing._templates and redis_client.llen("sdxl") == 0
 
 
 def test_publish_signal_receivers_see_every_job(redis_client: Any) -> None:
