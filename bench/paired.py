@@ -11,9 +11,10 @@ seconds each, with the bench's load (``bench.suite``: the Procfile's ``web`` lin
 8 connections, a new connection per request, 4,000 users, six job types). Each run
 prints, per request: the CPU of the gunicorn workers (``web``, with its system part),
 of PostgreSQL's processes (``pg``, system part) and of Redis, the machine's idle share,
-req/s and p99; for the service also what its database did (commits, rows, WAL bytes
-and records from ``pg_stat_database`` and ``pg_stat_wal``). Then the medians and the
-paired ratios (each service run ÷ the naive run next to it).
+req/s and p99, and what its database did (commits and rows from ``pg_stat_database``;
+WAL bytes and records from ``pg_stat_wal``, the whole server's, so only the run's own
+writes while nothing else runs). Then the medians and the paired ratios (each service
+run ÷ the naive run next to it). ``make bench`` runs this as its ``paired`` phase.
 """
 from __future__ import annotations
 
@@ -130,6 +131,56 @@ def _service(servers: suite.Servers, load: suite.Load, workdir: Path, name: str,
     return Target(name, svc.base_url, load.lines(name, rows), svc.procs["web"].pid, drain, pg_url)
 
 
+def measure(servers: suite.Servers, load: suite.Load, workdir: Path, runs: int, duration: int,
+            b_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The naive reference and the service (and, with ``b_env``, a second service with those
+    overrides) in turns on ``servers``: every run's figures, their medians, and the paired
+    req/s ratios (each service run ÷ the naive run next to it)."""
+    with contextlib.ExitStack() as stack:
+        from bench.naive_app import create_schema
+
+        _, naive_db = servers.create_database("bench_paired_naive")
+        create_schema(naive_db)
+        env = {k: v for k, v in os.environ.items()
+               if k not in {"DATABASE_URL", "BROKER_URL", "RESULT_BACKEND", "REDIS_URL"}}
+        (workdir / "paired-flask").mkdir(exist_ok=True)
+        env.update(VAR_DIR=str(workdir / "paired-flask"), WEB_CONCURRENCY="2",
+                   PYTHONUNBUFFERED="1", PATH=f"{suite.BIN}{os.pathsep}{env.get('PATH', '')}",
+                   PORT=str(suite.free_port()), NAIVE_DATABASE_URL=naive_db,
+                   NAIVE_BROKER_URL=f"redis://127.0.0.1:{servers.redis.port}/3")
+        proc, url = suite.start_gunicorn("bench.naive_app:create_naive()", env,
+                                         workdir / "paired-flask", "/healthz")
+        stack.callback(suite.stop_process, proc)
+        naive_broker = redis_lib.Redis(port=servers.redis.port, db=3)
+        stack.callback(naive_broker.flushdb)
+        naive = Target("naive", url, load.lines("paired-naive", [
+            ("POST", "/submit", "", json.dumps({
+                "jobType": suite.JOB_TYPES_MIX[i % len(suite.JOB_TYPES_MIX)],
+                "metadata": {"prompt": f"a lighthouse {i}"}})) for i in range(600)]),
+            proc.pid, lambda: naive_broker.delete("naive"),
+            naive_db.replace("postgresql+psycopg://", "postgresql://"))
+        targets = [naive, _service(servers, load, workdir, "service", 1, {}, stack)]
+        if b_env:
+            targets.append(_service(servers, load, workdir, "serviceB", 2, b_env, stack))
+        for t in targets:  # warm-up: connections, caches, the first tokens
+            load.wrk_once(t.url, t.lines, 3 if t is naive else 8)
+            t.between()
+        for i in range(runs):
+            services = targets[1:] if i % 2 == 0 else targets[:0:-1]  # B first every other run
+            for t in [naive, *services]:
+                t.measure(load, duration)
+    out: dict[str, Any] = {"runs": runs, "duration": duration}
+    for t in targets:
+        out[t.name] = {"runs": t.runs, "median": {k: statistics.median(r[k] for r in t.runs)
+                                                  for k in t.runs[0]}}
+    for t in targets[1:]:
+        out[t.name]["ratios"] = sorted(s["rps"] / n["rps"] for n, s in zip(naive.runs, t.runs))
+    if len(targets) == 3:
+        out["serviceB"]["ratios_to_service"] = sorted(
+            b["rps"] / a["rps"] for a, b in zip(targets[1].runs, targets[2].runs))
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=4)
@@ -142,51 +193,23 @@ def main() -> int:
                                                   warmup=3, duration=args.duration, runs=1))
     servers = suite.Servers(workdir, "private")
     try:
-        with contextlib.ExitStack() as stack:
-            from bench.naive_app import create_schema
-
-            _, naive_db = servers.create_database("bench_naive")
-            create_schema(naive_db)
-            env = {k: v for k, v in os.environ.items()
-                   if k not in {"DATABASE_URL", "BROKER_URL", "RESULT_BACKEND", "REDIS_URL"}}
-            (workdir / "flask").mkdir()
-            env.update(VAR_DIR=str(workdir / "flask"), WEB_CONCURRENCY="2", PYTHONUNBUFFERED="1",
-                       PATH=f"{suite.BIN}{os.pathsep}{env.get('PATH', '')}",
-                       PORT=str(suite.free_port()), NAIVE_DATABASE_URL=naive_db,
-                       NAIVE_BROKER_URL=f"redis://127.0.0.1:{servers.redis.port}/3")
-            proc, url = suite.start_gunicorn("bench.naive_app:create_naive()", env,
-                                             workdir / "flask", "/healthz")
-            stack.callback(suite.stop_process, proc)
-            naive_broker = redis_lib.Redis(port=servers.redis.port, db=3)
-            naive = Target("naive", url, load.lines("naive", [
-                ("POST", "/submit", "", json.dumps({
-                    "jobType": suite.JOB_TYPES_MIX[i % len(suite.JOB_TYPES_MIX)],
-                    "metadata": {"prompt": f"a lighthouse {i}"}})) for i in range(600)]),
-                proc.pid, lambda: naive_broker.delete("naive"))
-            targets = [naive, _service(servers, load, workdir, "service", 1, {}, stack)]
-            if args.b_env:
-                overrides = dict(kv.split("=", 1) for kv in args.b_env.split(",") if kv)
-                targets.append(_service(servers, load, workdir, "serviceB", 2, overrides, stack))
-            for t in targets:  # warm-up: connections, caches, the first tokens
-                load.wrk_once(t.url, t.lines, 3 if t is naive else 8)
-                t.between()
-            for i in range(args.runs):
-                services = targets[1:] if i % 2 == 0 else targets[:0:-1]  # B first every other run
-                for t in [naive, *services]:
-                    t.measure(load, args.duration)
-            for t in targets:
-                med = {k: statistics.median(r[k] for r in t.runs) for k in t.runs[0]}
-                print(f"median {t.name:8s} " + " ".join(f"{k}={v:.2f}" for k, v in med.items()))
-            for t in targets[1:]:
-                ratios = sorted(s["rps"] / n["rps"] for n, s in zip(naive.runs, t.runs))
-                print(f"{t.name} / naive req/s, paired: " + " ".join(f"{r:.3f}" for r in ratios)
-                      + f" (median {statistics.median(ratios):.3f})")
-            if len(targets) == 3:
-                ratios = sorted(b["rps"] / a["rps"] for a, b in zip(targets[1].runs, targets[2].runs))
-                print("serviceB / service req/s, paired: " + " ".join(f"{r:.3f}" for r in ratios)
-                      + f" (median {statistics.median(ratios):.3f})")
+        b_env = dict(kv.split("=", 1) for kv in args.b_env.split(",") if kv)
+        res = measure(servers, load, workdir, args.runs, args.duration, b_env or None)
     finally:
         servers.stop()
+    for name in ("naive", "service", "serviceB"):
+        if name in res:
+            print(f"median {name:8s} " + " ".join(f"{k}={v:.2f}"
+                                                   for k, v in res[name]["median"].items()))
+    for name in ("service", "serviceB"):
+        if name in res:
+            ratios = res[name]["ratios"]
+            print(f"{name} / naive req/s, paired: " + " ".join(f"{r:.3f}" for r in ratios)
+                  + f" (median {statistics.median(ratios):.3f})")
+    if "serviceB" in res:
+        ratios = res["serviceB"]["ratios_to_service"]
+        print("serviceB / service req/s, paired: " + " ".join(f"{r:.3f}" for r in ratios)
+              + f" (median {statistics.median(ratios):.3f})")
     return 0
 
 

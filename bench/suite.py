@@ -20,6 +20,9 @@ commands. It measures, in one run and each figure ``--runs`` times:
    one worker process with a trivial generator (``bench.trivial_worker``),
    commit → SSE latency (``bench.sse_latency.measure``), and the RSS of web and
    worker processes;
+4. ``queue-job`` and the naive reference again, in turns on the same servers
+   (``bench.paired``: the machine's speed drifts between the phases above), with the
+   CPU per request of gunicorn, PostgreSQL and Redis and the WAL per submission;
 
 then stops everything it started and rewrites its section of
 ``bench/RESULTS.md`` (between the ``bench:suite`` markers; the other sections
@@ -74,7 +77,8 @@ JOB_TYPES_MIX = ("sdxl_image_fast", "image_fast", "video_fast", "sdxl_image_high
 OLD_POLL_MEAN_S = {"SDXL": 1.0, "WAN": 2.5}
 
 #: What ``--only`` can select, in the order the suite measures them.
-PHASES = ("raw", "naive", "queue-job", "callback", "dispatch", "orchestration", "rss", "sse")
+PHASES = ("raw", "naive", "queue-job", "callback", "paired", "dispatch", "orchestration", "rss",
+          "sse")
 
 TARGETS = {
     "queue_job_ratio": 1.0,      # × naive reference requests/s
@@ -899,6 +903,44 @@ def _mark(ok: bool) -> str:
     return "**met**" if ok else "**missed**"
 
 
+def _paired_headline(paired: dict[str, Any] | None) -> list[str]:
+    """The headline row of ``bench.paired``'s figures (none in a run saved before it)."""
+    if not paired:
+        return []
+    ratios = paired["service"]["ratios"]
+    mid = statistics.median(ratios)
+    svc, naive = paired["service"]["median"], paired["naive"]["median"]
+    return [f"| `queue-job` req/s, in turns with the naive reference ({len(ratios)} "
+            f"pair{'s' if len(ratios) != 1 else ''} of "
+            f"{paired['duration']:g} s) | {svc['rps']:,.0f} | naive reference "
+            f"{naive['rps']:,.0f} | {mid:.2f}× ({min(ratios):.2f}–{max(ratios):.2f}) | ≥ 1.0× | "
+            f"{_mark(mid >= TARGETS['queue_job_ratio'])} |",
+            f"| `queue-job` p99, in turns | {svc['p99_ms']:.1f} ms | naive {naive['p99_ms']:.1f} ms "
+            f"| {svc['p99_ms'] / naive['p99_ms']:.2f}× | ≤ 30 ms | "
+            f"{_mark(svc['p99_ms'] <= TARGETS['queue_job_p99_ms'])} |"]
+
+
+def _paired_table(paired: dict[str, Any] | None) -> list[str]:
+    """Where a request's CPU goes, service against naive reference (``bench.paired``)."""
+    if not paired:
+        return []
+    rows = ["", "Where a request's CPU goes, measured in turns (`bench.paired`: the naive reference "
+            "and the service on the same servers, one after the other, "
+            f"{len(paired['service']['ratios'])} time(s); CPU of each process group from `/proc` "
+            "÷ requests; WAL and rows from `pg_stat_wal` and `pg_stat_database`; medians):", "",
+            "| | req/s | p99 | gunicorn workers (system part) | PostgreSQL (system part) | Redis "
+            "| idle CPU | WAL per request | rows inserted / updated per request |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name, label in (("naive", "naive reference"), ("service", "`queue-job`")):
+        m = paired[name]["median"]
+        wal = f"{m['wal_bytes']:,.0f} B, {m['wal_records']:.0f} records"
+        written = f"{m['rows_inserted']:.1f} / {m['rows_updated']:.1f}"
+        rows.append(f"| {label} | {m['rps']:,.0f} | {m['p99_ms']:.1f} ms | {m['web_ms']:.2f} ms "
+                    f"({m['web_sys_ms']:.2f}) | {m['pg_ms']:.2f} ms ({m['pg_sys_ms']:.2f}) | "
+                    f"{m['redis_ms']:.2f} ms | {m['idle_pct']:.1f} % | {wal} | {written} |")
+    return rows
+
+
 def report(res: dict[str, Any], args: argparse.Namespace) -> str:
     m, raw, fl, web, wk = res["machine"], res["raw"], res["flask"], res["web"], res["worker"]
     naive, hello = fl["naive"], fl["hello"]
@@ -949,6 +991,7 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
         "|---|---|---|---|---|---|",
         f"| `queue-job` req/s | {qj['rps']['median']:,.0f} | naive reference {n_rps:,.0f} | "
         f"{qj_ratio:.2f}× | ≥ 1.0× | {_mark(qj_ratio >= TARGETS['queue_job_ratio'])} |",
+        *_paired_headline(res.get("paired")),
         f"| `queue-job` p99 at that load | {qj['p99_ms']['median']:.1f} ms | naive "
         f"{naive['p99_ms']['median']:.1f} ms | {ratio(qj['p99_ms']['median'], naive['p99_ms']['median']):.2f}× "
         f"| ≤ 30 ms | {_mark(qj['p99_ms']['median'] <= TARGETS['queue_job_p99_ms'])} |",
@@ -1012,6 +1055,7 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
         f"{_fmt(res['sse']['p50_ms'], ' ms', 1)} | {_fmt(res['sse']['p99_ms'], ' ms', 1)} | "
         f"{_fmt(res['sse']['max_ms'], ' ms', 1)} |",
     ]
+    lines += _paired_table(res.get("paired"))
     costs = [("naive reference", naive.get("cost")), ("`queue-job`", qj.get("cost")),
              ("`job-callback`, claim", web.get("callback_cost")),
              ("`job-callback`, heartbeat", web.get("heartbeat_cost"))]
@@ -1195,6 +1239,12 @@ def main() -> int:
             if only & {"queue-job", "callback"}:
                 res["web"] = watcher.phase_of("queue-job and job-callback",
                                               lambda: service_web(servers, load, workdir, args))
+            if "paired" in only:
+                from bench import paired
+
+                res["paired"] = watcher.phase_of("queue-job and the naive reference in turns",
+                                                 lambda: paired.measure(servers, load, workdir,
+                                                                        args.runs, args.duration))
             if only & {"dispatch", "orchestration", "rss"}:
                 res["worker"] = watcher.phase_of("dispatch and worker",
                                                  lambda: service_worker(servers, workdir, args))
@@ -1242,6 +1292,12 @@ def partial_summary(res: dict[str, Any]) -> str:
 
     def walk(path: str, node: Any) -> None:
         if not isinstance(node, dict):
+            return
+        if isinstance(node.get("median"), dict):  # bench.paired's, per target
+            ratios = node.get("ratios")
+            lines.append(f"{path}: " + " ".join(f"{k}={v:.2f}" for k, v in node["median"].items())
+                         + (f"; ÷ naive in turns: {', '.join(f'{r:.3f}' for r in ratios)}"
+                            if ratios else ""))
             return
         if "median" in node and "runs" in node:
             lines.append(f"{path}: {node['median']:,.2f} ({node['min']:,.2f}–{node['max']:,.2f})")

@@ -155,8 +155,9 @@ class Database:
         threads take it each time). Here: the pool's checkout and checkin (with their
         events: :func:`_ping_when_idle` still runs), ``autocommit`` on, the statement, and
         off again. What ``Connection`` does on an error is kept: the driver's error is
-        raised as SQLAlchemy's (``DBAPIError`` and its kinds, which the web answers 503),
-        and a connection found dead is dropped from the pool rather than handed out again.
+        raised as SQLAlchemy's (``OperationalError``, ``DataError``…, which the web answers
+        503 and 400 as before, without the statement or its parameters), and a connection
+        found dead is dropped from the pool rather than handed out again.
         Statements run here are not seen by the engine's cursor events (tests count them
         at the driver).
         """
