@@ -11,9 +11,10 @@ seconds each, with the bench's load (``bench.suite``: the Procfile's ``web`` lin
 8 connections, a new connection per request, 4,000 users, six job types). Each run
 prints, per request: the CPU of the gunicorn workers (``web``, with its system part),
 of PostgreSQL's processes (``pg``, system part) and of Redis, the machine's idle share,
-req/s and p99, and what its database did (commits and rows from ``pg_stat_database``;
-WAL bytes and records from ``pg_stat_wal``, the whole server's, so only the run's own
-writes while nothing else runs). Then the medians and the paired ratios (each service
+req/s and p99, and what its database did: commits and rows from ``pg_stat_database``
+(approximate: an idle connection reports its counts up to 10 s late), WAL bytes from
+the server's WAL position and records from ``pg_stat_wal`` (the whole server's, so the
+run's own while nothing else writes). Then the medians and the paired ratios (each service
 run ÷ the naive run next to it). ``make bench`` runs this as its ``paired`` phase.
 """
 from __future__ import annotations
