@@ -233,6 +233,7 @@ def test_a_failed_lpush_is_published_through_celery(redis_client: Any, monkeypat
     publish_job(job_id, "sdxl_image_fast")
     assert [m["headers"]["id"] for m in _messages(redis_client, "sdxl")] == [job_id]
     assert key not in publishing._templates
+    monkeypatch.undo()  # the connection works again
     publish_job(str(uuid.uuid4()), "sdxl_image_fast")
     assert publishing._templates[key] is not template
     assert redis_client.llen("sdxl") == 2
