@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -77,7 +76,7 @@ def _db_stats(url: str) -> tuple[int, ...]:
 
 class Target:
     def __init__(self, name: str, url: str, lines: Path, master: int,
-                 between: Callable[[], None], db_url: str | None = None) -> None:
+                 between: Callable[[], Any], db_url: str | None = None) -> None:
         self.name, self.url, self.lines, self.master = name, url, lines, master
         self.between, self.db_url = between, db_url
         self.runs: list[dict[str, float]] = []
@@ -105,31 +104,16 @@ class Target:
         return row
 
 
-def _service(servers: suite.Servers, load: suite.Load, workdir: Path, name: str,
-             redis_db: int, overrides: dict[str, str], stack: contextlib.ExitStack) -> Target:
+def _service(load: suite.Load, workdir: Path, name: str, redis_db: int,
+             overrides: dict[str, str], stack: contextlib.ExitStack) -> Target:
     var = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))
     svc = suite.make_stack("postgres-redis", var, ("web",), redis_db=redis_db,
-                           SUBMIT_RATE_LIMIT="30/minute;5/second", MAX_ACTIVE_JOBS="20",
-                           **overrides)
+                           **{**suite.SERVICE_LIMITS, **overrides})
     stack.enter_context(svc.running())
-    users = suite._users(svc, 4000, 100_000)
-    rows = []
-    for i in range(2 * len(users)):
-        job_type = suite.JOB_TYPES_MIX[(i + i // len(users)) % len(suite.JOB_TYPES_MIX)]
-        rows.append(("POST", "/functions/v1/queue-job", users[i % len(users)][1],
-                     json.dumps({"jobType": job_type,
-                                 "metadata": {"prompt": f"a lighthouse on a cliff, take {i}"}})))
+    rows = suite.queue_job_rows(suite._users(svc, 4000, 100_000))
     pg_url = svc.env["DATABASE_URL"].replace("postgresql+psycopg://", "postgresql://")
-    broker = redis_lib.Redis.from_url(svc.env["BROKER_URL"])
-
-    def drain() -> None:  # as bench.suite: every run starts at an empty queue
-        with psycopg.connect(pg_url, autocommit=True) as conn:
-            conn.execute("UPDATE jobs SET status = 'completed', completed_at = now() "
-                         "WHERE status = 'queued'")
-            conn.execute("VACUUM ANALYZE jobs")
-        broker.delete("sdxl", "wan")
-
-    return Target(name, svc.base_url, load.lines(name, rows), svc.procs["web"].pid, drain, pg_url)
+    return Target(name, svc.base_url, load.lines(name, rows), svc.procs["web"].pid,
+                  suite.drainer(svc), pg_url)
 
 
 def measure(servers: suite.Servers, load: suite.Load, workdir: Path, runs: int, duration: int,
@@ -138,31 +122,16 @@ def measure(servers: suite.Servers, load: suite.Load, workdir: Path, runs: int, 
     overrides) in turns on ``servers``: every run's figures, their medians, and the paired
     req/s ratios (each service run ÷ the naive run next to it)."""
     with contextlib.ExitStack() as stack:
-        from bench.naive_app import create_schema
-
-        _, naive_db = servers.create_database("bench_paired_naive")
-        create_schema(naive_db)
-        env = {k: v for k, v in os.environ.items()
-               if k not in {"DATABASE_URL", "BROKER_URL", "RESULT_BACKEND", "REDIS_URL"}}
-        (workdir / "paired-flask").mkdir(exist_ok=True)
-        env.update(VAR_DIR=str(workdir / "paired-flask"), WEB_CONCURRENCY="2",
-                   PYTHONUNBUFFERED="1", PATH=f"{suite.BIN}{os.pathsep}{env.get('PATH', '')}",
-                   PORT=str(suite.free_port()), NAIVE_DATABASE_URL=naive_db,
-                   NAIVE_BROKER_URL=f"redis://127.0.0.1:{servers.redis.port}/3")
-        proc, url = suite.start_gunicorn("bench.naive_app:create_naive()", env,
-                                         workdir / "paired-flask", "/healthz")
+        name, proc, url, _ = suite.start_naive(servers, workdir / "paired-naive",
+                                               "bench_paired_naive")
         stack.callback(suite.stop_process, proc)
         naive_broker = redis_lib.Redis(port=servers.redis.port, db=3)
         stack.callback(naive_broker.flushdb)
-        naive = Target("naive", url, load.lines("paired-naive", [
-            ("POST", "/submit", "", json.dumps({
-                "jobType": suite.JOB_TYPES_MIX[i % len(suite.JOB_TYPES_MIX)],
-                "metadata": {"prompt": f"a lighthouse {i}"}})) for i in range(600)]),
-            proc.pid, lambda: naive_broker.delete("naive"),
-            naive_db.replace("postgresql+psycopg://", "postgresql://"))
-        targets = [naive, _service(servers, load, workdir, "service", 1, {}, stack)]
+        naive = Target("naive", url, load.lines("paired-naive", suite.naive_rows()), proc.pid,
+                       lambda: naive_broker.delete("naive"), servers.libpq(name))
+        targets = [naive, _service(load, workdir, "service", 1, {}, stack)]
         if b_env:
-            targets.append(_service(servers, load, workdir, "serviceB", 2, b_env, stack))
+            targets.append(_service(load, workdir, "serviceB", 2, b_env, stack))
         for t in targets:  # warm-up: connections, caches, the first tokens
             load.wrk_once(t.url, t.lines, 3 if t is naive else 8)
             t.between()

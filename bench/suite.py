@@ -494,17 +494,42 @@ def pg_inserts(servers: Servers, runs: int, seconds: float) -> dict[str, Any]:
     return {"inserts_s": spread(values)}
 
 
+def baseline_env(directory: Path) -> dict[str, str]:
+    """The environment a baseline app runs in under the ``web`` settings (its own port)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"DATABASE_URL", "BROKER_URL", "RESULT_BACKEND", "REDIS_URL"}}
+    env.update(VAR_DIR=str(directory), WEB_CONCURRENCY="2", PYTHONUNBUFFERED="1",
+               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PORT=str(free_port()))
+    directory.mkdir(exist_ok=True)
+    return env
+
+
+def start_naive(servers: Servers, directory: Path,
+                prefix: str) -> tuple[str, subprocess.Popen[bytes], str, dict[str, str]]:
+    """The naive reference on a new database of ``servers`` (publishing to Redis db 3):
+    the database's name, the gunicorn process, its URL and its environment."""
+    from bench.naive_app import create_schema
+
+    name, url_db = servers.create_database(prefix)
+    create_schema(url_db)
+    env = dict(baseline_env(directory), NAIVE_DATABASE_URL=url_db,
+               NAIVE_BROKER_URL=f"redis://127.0.0.1:{servers.redis.port}/3")
+    proc, url = start_gunicorn("bench.naive_app:create_naive()", env, directory, "/healthz")
+    return name, proc, url, env
+
+
+def naive_rows() -> list[tuple[str, str, str, str]]:
+    """The naive reference's requests: six job types, a prompt each."""
+    return [("POST", "/submit", "", json.dumps({"jobType": JOB_TYPES_MIX[i % len(JOB_TYPES_MIX)],
+                                                "metadata": {"prompt": f"a lighthouse {i}"}}))
+            for i in range(600)]
+
+
 def flask_apps(servers: Servers, load: Load, workdir: Path) -> dict[str, Any]:
     """The hello-world raw limit and the naive reference, under the web settings."""
-    base_env = {k: v for k, v in os.environ.items()
-                if k not in {"DATABASE_URL", "BROKER_URL", "RESULT_BACKEND", "REDIS_URL"}}
-    base_env.update(VAR_DIR=str(workdir / "flask"), WEB_CONCURRENCY="2", PYTHONUNBUFFERED="1",
-                    PATH=f"{BIN}{os.pathsep}{base_env.get('PATH', '')}")
-    (workdir / "flask").mkdir(exist_ok=True)
     out: dict[str, Any] = {}
-
-    env = dict(base_env, PORT=str(free_port()))
-    proc, url = start_gunicorn("bench.naive_app:create_hello()", env, workdir / "flask", "/hello")
+    proc, url = start_gunicorn("bench.naive_app:create_hello()", baseline_env(workdir / "flask"),
+                               workdir / "flask", "/hello")
     try:
         lines = load.lines("hello", [("GET", "/hello", "", "")])
         out["hello"] = Load.summarise(load.runs("hello", url, lines))
@@ -512,20 +537,11 @@ def flask_apps(servers: Servers, load: Load, workdir: Path) -> dict[str, Any]:
     finally:
         stop_process(proc)
 
-    from bench.naive_app import create_schema
-
-    name, url_db = servers.create_database("bench_naive")
-    create_schema(url_db)
-    env = dict(base_env, PORT=str(free_port()), NAIVE_DATABASE_URL=url_db,
-               NAIVE_BROKER_URL=f"redis://127.0.0.1:{servers.redis.port}/3")
-    proc, url = start_gunicorn("bench.naive_app:create_naive()", env, workdir / "flask", "/healthz")
+    name, proc, url, env = start_naive(servers, workdir / "flask", "bench_naive")
     try:
-        rows = [("POST", "/submit", "", json.dumps({"jobType": JOB_TYPES_MIX[i % len(JOB_TYPES_MIX)],
-                                                    "metadata": {"prompt": f"a lighthouse {i}"}}))
-                for i in range(600)]
         naive_broker = redis_lib.Redis(port=servers.redis.port, db=3)
         # Nothing consumes the messages: drop them between runs so Redis stays small.
-        out["naive"] = Load.summarise(load.runs("naive", url, load.lines("naive", rows),
+        out["naive"] = Load.summarise(load.runs("naive", url, load.lines("naive", naive_rows()),
                                                 between=lambda: naive_broker.delete("naive")))
         out["naive"]["rss"] = web_rss(proc.pid)
         with psycopg.connect(servers.libpq(name)) as conn:
@@ -554,36 +570,56 @@ def _users(stack: Stack, count: int, balance: int) -> list[tuple[str, str]]:
     return [(u, "Bearer " + mint_user_token(settings, u, ttl_seconds=4 * 3600)) for u in users]
 
 
+#: The service's limits under the queue-job load (the defaults, said out loud).
+SERVICE_LIMITS = {"SUBMIT_RATE_LIMIT": "30/minute;5/second", "MAX_ACTIVE_JOBS": "20"}
+
+
+def queue_job_rows(users: list[tuple[str, str]]) -> list[tuple[str, str, str, str]]:
+    """``queue-job`` requests: each the next user's token (no per-user limit is reached),
+    job types rotating, every user twice."""
+    rows = []
+    for i in range(2 * len(users)):
+        _, auth = users[i % len(users)]
+        job_type = JOB_TYPES_MIX[(i + i // len(users)) % len(JOB_TYPES_MIX)]
+        body = {"jobType": job_type, "metadata": {"prompt": f"a lighthouse on a cliff, take {i}"}}
+        rows.append(("POST", "/functions/v1/queue-job", auth, json.dumps(body)))
+    return rows
+
+
+def drainer(stack: Stack) -> Callable[[], list[str]]:
+    """A stand-in for workers between runs: the queue (and each user's active jobs) starts
+    empty every run; the jobs stay as rows, so tables keep growing. It returns the ids of
+    the jobs it ended."""
+    pg_url = stack.env["DATABASE_URL"].replace("postgresql+psycopg://", "postgresql://")
+    broker = redis_lib.Redis.from_url(stack.env["BROKER_URL"])
+
+    def drain() -> list[str]:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            ids = [r[0] for r in conn.execute(
+                "UPDATE jobs SET status = 'completed', completed_at = now() "
+                "WHERE status = 'queued' RETURNING id::text").fetchall()]
+            conn.execute("VACUUM ANALYZE jobs")
+        broker.delete("sdxl", "wan")  # nothing consumes them: keep Redis small
+        return ids
+
+    return drain
+
+
 def service_web(servers: Servers, load: Load, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     var = Path(tempfile.mkdtemp(prefix="service-", dir=workdir))  # a phase may be measured again
-    stack = make_stack("postgres-redis", var, ("web",), redis_db=1,
-                       SUBMIT_RATE_LIMIT="30/minute;5/second", MAX_ACTIVE_JOBS="20")
+    stack = make_stack("postgres-redis", var, ("web",), redis_db=1, **SERVICE_LIMITS)
     out: dict[str, Any] = {"settings": "SUBMIT_RATE_LIMIT=30/minute;5/second (the default), "
                                        "MAX_ACTIVE_JOBS=20 (the default)"}
     with stack.running():
         pg_url = stack.env["DATABASE_URL"].replace("postgresql+psycopg://", "postgresql://")
         users = _users(stack, args.users, 100_000)
-        rows = []
-        for i in range(2 * len(users)):
-            _, auth = users[i % len(users)]
-            job_type = JOB_TYPES_MIX[(i + i // len(users)) % len(JOB_TYPES_MIX)]
-            body = {"jobType": job_type, "metadata": {"prompt": f"a lighthouse on a cliff, take {i}"}}
-            rows.append(("POST", "/functions/v1/queue-job", auth, json.dumps(body)))
-        lines = load.lines("queue-job", rows)
-
+        lines = load.lines("queue-job", queue_job_rows(users))
         batches: list[list[str]] = []
-        broker = redis_lib.Redis.from_url(stack.env["BROKER_URL"])
+        drain_stack = drainer(stack)
 
         def drain() -> None:
-            # Stand-in for workers between runs: the queue (and each user's active jobs) starts
-            # empty every run; the jobs stay as rows, so tables keep growing. The ids are kept:
-            # they become the fresh queued jobs of the callback runs.
-            with psycopg.connect(pg_url, autocommit=True) as conn:
-                batches.append([r[0] for r in conn.execute(
-                    "UPDATE jobs SET status = 'completed', completed_at = now() "
-                    "WHERE status = 'queued' RETURNING id::text").fetchall()])
-                conn.execute("VACUUM ANALYZE jobs")
-            broker.delete("sdxl", "wan")  # nothing consumes them: keep Redis small
+            # The ids are kept: they become the fresh queued jobs of the callback runs.
+            batches.append(drain_stack())
 
         if "queue-job" in args.only:
             results = load.runs("queue-job", stack.base_url, lines, between=drain)
