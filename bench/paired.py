@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import sys
 import tempfile
@@ -38,16 +37,6 @@ sys.path.insert(0, str(ROOT))
 from bench import suite  # noqa: E402
 
 DB_STATS = ("commits", "rows_inserted", "rows_updated", "wal_bytes", "wal_records")
-
-
-def _cpu(pids: list[int], system_only: bool = False) -> float:
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        st = suite._stat(pid)
-        if st:
-            total += int(st[12]) if system_only else int(st[11]) + int(st[12])
-    return total / tick
 
 
 def _machine() -> tuple[int, int]:
@@ -76,7 +65,7 @@ def _db_stats(url: str) -> tuple[int, ...]:
 
 class Target:
     def __init__(self, name: str, url: str, lines: Path, master: int,
-                 between: Callable[[], Any], db_url: str | None = None) -> None:
+                 between: Callable[[], Any], db_url: str) -> None:
         self.name, self.url, self.lines, self.master = name, url, lines, master
         self.between, self.db_url = between, db_url
         self.runs: list[dict[str, float]] = []
@@ -84,20 +73,23 @@ class Target:
     def measure(self, load: suite.Load, seconds: int) -> dict[str, float]:
         web = suite.group_pids(self.master)
         pg, rd = _named("postgres"), _named("redis-server")
-        before = (_cpu(web), _cpu(web, True), _cpu(pg), _cpu(pg, True), _cpu(rd), _machine(),
-                  _db_stats(self.db_url) if self.db_url else None)
+
+        def cpu() -> list[float]:
+            return [suite.cpu_seconds(web), suite.cpu_seconds(web, True), suite.cpu_seconds(pg),
+                    suite.cpu_seconds(pg, True), suite.cpu_seconds(rd)]
+
+        cpu0, machine0, db0 = cpu(), _machine(), _db_stats(self.db_url)
         r = load.wrk_once(self.url, self.lines, seconds)
-        after = (_cpu(web), _cpu(web, True), _cpu(pg), _cpu(pg, True), _cpu(rd), _machine())
+        cpu1, machine1 = cpu(), _machine()
         n = max(r["requests"], 1)
-        row = {k: (after[i] - before[i]) * 1000 / n
-               for i, k in enumerate(("web_ms", "web_sys_ms", "pg_ms", "pg_sys_ms", "redis_ms"))}
-        idle, total = after[5][0] - before[5][0], after[5][1] - before[5][1]
+        row = {k: (b - a) * 1000 / n for k, a, b in
+               zip(("web_ms", "web_sys_ms", "pg_ms", "pg_sys_ms", "redis_ms"), cpu0, cpu1)}
+        idle, total = machine1[0] - machine0[0], machine1[1] - machine0[1]
         row.update(idle_pct=100 * idle / max(total, 1), rps=r["rps"], p99_ms=r["p99_us"] / 1000,
                    errors=r["errors"])
-        if self.db_url:
-            time.sleep(0.6)  # PostgreSQL publishes its counters every 500 ms
-            for k, a, b in zip(DB_STATS, before[6], _db_stats(self.db_url)):
-                row[k] = (b - a) / n
+        time.sleep(0.6)  # busy connections report their counts at most once a second
+        for k, a, b in zip(DB_STATS, db0, _db_stats(self.db_url)):
+            row[k] = (b - a) / n
         self.between()
         self.runs.append(row)
         print(f"{self.name:8s} " + " ".join(f"{k}={v:.2f}" for k, v in row.items()), flush=True)

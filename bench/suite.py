@@ -130,13 +130,14 @@ def children(pid: int) -> list[int]:
     return [p for p in _pids() if (st := _stat(p)) and int(st[1]) == pid]
 
 
-def cpu_seconds(pids: list[int]) -> float:
+def cpu_seconds(pids: list[int], system_only: bool = False) -> float:
+    """CPU time of ``pids`` (user + system, or the system part only)."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
     for pid in pids:
         st = _stat(pid)
         if st:
-            total += int(st[11]) + int(st[12])  # utime + stime
+            total += int(st[12]) if system_only else int(st[11]) + int(st[12])  # utime, stime
     return total / tick
 
 
