@@ -68,6 +68,7 @@ class LocalStorage:
                 raise ValueError(f"invalid storage bucket name: {bucket!r}")
         self.root = pathlib.Path(root)
         self.buckets: frozenset[str] = bucket_set
+        self._root_resolved: str | None = None
 
     # ------------------------------------------------------------------
     # Validation
@@ -120,22 +121,28 @@ class LocalStorage:
         """Validated filesystem path of an object.
 
         Defence in depth: besides the textual checks, the path is resolved
-        (following any symlinks) and must still lie inside ``<root>/<bucket>``.
+        (following any symlinks) and must be exactly ``<root>/<bucket>/<key>``
+        under the resolved root: a symlink planted at any level below the root
+        (bucket, user directory or file) is refused, wherever it leads, so it
+        cannot lead outside the root, nor from one user's (or bucket's) files
+        to another's. One resolution of the whole path, not one per level.
         """
         key = self.validate_key(bucket, key, owner=owner)
-        # Resolve each level and require strict containment in the one
-        # above: root ⊃ bucket ⊃ user directory ⊃ file.  A symlink planted at
-        # any level therefore cannot lead outside the root, nor from one
-        # user's (or bucket's) files to another's.
-        root_real = self.root.resolve()
-        bucket_real = (root_real / bucket).resolve()
-        user_real = (bucket_real / key.split("/", 1)[0]).resolve()
-        candidate = (user_real / key.split("/", 1)[1]).resolve()
-        chain = ((bucket_real, root_real), (user_real, bucket_real), (candidate, user_real))
-        for inner, outer in chain:
-            if inner == outer or not inner.is_relative_to(outer):
-                raise InvalidRequest("storage key resolves outside the storage root")
-        return candidate
+        expected = os.path.join(self._root_real(), bucket, key)
+        candidate = os.path.realpath(expected)
+        if candidate != expected:
+            raise InvalidRequest("storage key resolves outside the storage root")
+        return pathlib.Path(candidate)
+
+    def _root_real(self) -> str:
+        """The root, resolved (it may itself be a link, to a volume, say): once it exists,
+        resolved once; until then, on every call."""
+        real = self._root_resolved
+        if real is None:
+            real = os.path.realpath(self.root)
+            if os.path.isdir(real):
+                self._root_resolved = real
+        return real
 
     # ------------------------------------------------------------------
     # Object operations

@@ -186,6 +186,30 @@ def test_symlink_to_other_user_rejected(storage: LocalStorage, root: pathlib.Pat
         storage.open(BUCKET, "mallory/x.png", owner="mallory")
 
 
+def test_linked_user_directory_rejected(storage: LocalStorage, root: pathlib.Path) -> None:
+    """A user directory that is a link to another user's, inside the same bucket: refused
+    both ways (reading the other's files, writing among them)."""
+    storage.write(BUCKET, "alice/x.png", b"alice")
+    (root / BUCKET / "mallory").symlink_to(root / BUCKET / "alice", target_is_directory=True)
+    with pytest.raises(InvalidRequest):
+        storage.open(BUCKET, "mallory/x.png", owner="mallory")
+    with pytest.raises(InvalidRequest):
+        storage.write(BUCKET, "mallory/y.png", b"mallory", owner="mallory")
+    assert sorted(p.name for p in (root / BUCKET / "alice").iterdir()) == ["x.png"]
+
+
+def test_root_may_be_a_link(tmp_path: pathlib.Path) -> None:
+    """The root itself may be a link (to a volume): objects are written under its target."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (tmp_path / "storage").symlink_to(volume, target_is_directory=True)
+    linked = LocalStorage(tmp_path / "storage", buckets={BUCKET})
+    linked.write(BUCKET, "u/x.png", b"x")
+    assert (volume / BUCKET / "u" / "x.png").read_bytes() == b"x"
+    with linked.open(BUCKET, "u/x.png") as f:
+        assert f.read() == b"x"
+
+
 def test_bad_bucket_config_rejected(tmp_path: pathlib.Path) -> None:
     with pytest.raises(ValueError):
         LocalStorage(tmp_path, buckets={"../x"})
