@@ -184,3 +184,31 @@ def test_running_leases_are_renewed_and_a_lost_run_is_told(db: Database, worker_
     renewed = lease_of(jobs[0].id)
     time.sleep(1.2)
     assert lease_of(jobs[0].id) == renewed  # no renewals once the run ended
+
+
+def test_a_shorter_lease_wakes_the_renewals(db: Database, worker_runtime, settings) -> None:  # type: ignore[no-untyped-def]
+    """The lease thread sleeps until the next renewal due; a run added meanwhile whose
+    renewal is due sooner (a shorter lease) wakes it, and is renewed in time."""
+    from dataclasses import replace
+
+    from tasks.generation import LeaseKeeper
+
+    user = str(uuid.uuid4())
+    long_job, short_job = (completion.start_job(db, submit(db, user, "image_fast").id, worker="w",
+                                                lease_seconds=s) for s in (60, 2))
+    assert long_job is not None and short_job is not None
+
+    def lease_of(job_id: str):  # type: ignore[no-untyped-def]
+        with db.session() as s:
+            return s.get(Job, job_id).lease_expires_at
+
+    first = lease_of(short_job.id)
+    worker_runtime.settings = replace(settings, lease_seconds=60)
+    with LeaseKeeper(worker_runtime, long_job):  # next renewal in 15 s
+        time.sleep(0.2)  # the thread is asleep until then
+        worker_runtime.settings = replace(settings, lease_seconds=2)
+        with LeaseKeeper(worker_runtime, short_job):  # due in 0.5 s
+            deadline = time.monotonic() + 3
+            while lease_of(short_job.id) == first and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert lease_of(short_job.id) > first
