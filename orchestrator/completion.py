@@ -353,7 +353,7 @@ _CAS_COLUMNS = ("id", "user_id", "image_id", "video_id", "prompt", "enhanced_pro
 
 @functools.lru_cache(maxsize=256)
 def _one_statement(stmt: Any, status: JobStatus, completed: bool, patch: bool, kind: str | None,
-                   asset: bool) -> Any:
+                   asset: bool, durable: bool = True) -> Any:
     """PostgreSQL: a whole transition as one statement, so it is one round trip (and, run
     outside a transaction, its own transaction):
 
@@ -365,6 +365,8 @@ def _one_statement(stmt: Any, status: JobStatus, completed: bool, patch: bool, k
     4. ``ev``: the events (job, then asset: :func:`orchestrator.events.job_event` and
        ``asset_event``, payloads built by the database, :func:`_row_json`), inserted from
        rows that join ``owner``: their ids are drawn after the lock.
+
+    ``durable=False``: see :func:`_transition_alone`.
 
     Returns the new job row; no row when the guard was closed (nothing written)."""
     cas = stmt.returning(*(JOBS.c[n] for n in _CAS_COLUMNS),
@@ -389,26 +391,23 @@ def _one_statement(stmt: Any, status: JobStatus, completed: bool, patch: bool, k
                                literal_column(f"'{entity}.' || {entity}.status"), cte.c.payload, now)
                         .select_from(cte.join(cas, true()).join(owner, owner.c.id == cas.c.user_id)))
     appended = insert(_EVENTS).from_select(list(events.EVENT_COLUMNS), union_all(*rows)).cte("ev")
-    return select(cas.c.payload).add_cte(appended)
+    result = select(cas.c.payload).add_cte(appended)
+    if not durable:
+        # ``synchronous_commit`` off for this statement's own transaction (see
+        # _transition_alone): set_config(…, is_local => true) in a CTE the result reads (a
+        # volatile function: evaluated, never inlined away).
+        relaxed = select(func.set_config(literal_column("'synchronous_commit'"),
+                                         literal_column("'off'"), true()).label("setting")).cte("relaxed")
+        result = result.add_columns(relaxed.c.setting).select_from(cas.join(relaxed, true()))
+    return result
 
 
-def _transition(executor: Any, stmt: Any, params: dict[str, Any], status: JobStatus, *,
-                outcome: Outcome | None = None, kind: str | None = None,
-                asset: bool = True) -> Job | None:
-    """Run a CAS (``stmt``, moving the job to ``status``); when it wins, mirror the job onto
-    its asset row (``asset``) and append the events (job, then asset), atomically. The job,
-    or None when the guard was closed (nothing written).
-
-    ``executor``: on PostgreSQL a connection (outside a transaction: the statement is its
-    own) or a session in a transaction; on SQLite a session in a transaction."""
+def _statement_values(stmt: Any, params: dict[str, Any], status: JobStatus,
+                      outcome: Outcome | None, kind: str | None,
+                      asset: bool) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """PostgreSQL: the shape of a transition's one statement (:func:`_one_statement`'s
+    arguments) and its values."""
     completed = status is JobStatus.COMPLETED and outcome is not None
-    if _dialect(executor) != "postgresql":
-        job = _run(executor, stmt, params)
-        if job is None:
-            return None
-        _emit(executor, job, _sync_asset(executor, job, outcome if completed else None,
-                                         params["b_now"]) if asset else None, kind)
-        return job
     values = dict(params)
     patch: dict[str, Any] = {}
     if completed and asset:
@@ -420,8 +419,54 @@ def _transition(executor: Any, stmt: Any, params: dict[str, Any], status: JobSta
         patch = {k: v for k, v in outcome.metadata.items() if k in ("seeds", "generator")}
         if patch:
             values["a_patch"] = patch
-    row = executor.execute(_one_statement(stmt, status, completed, bool(patch), kind, asset),
-                           values).first()
+    return (stmt, status, completed, bool(patch), kind, asset), values
+
+
+def _transition(executor: Any, stmt: Any, params: dict[str, Any], status: JobStatus, *,
+                outcome: Outcome | None = None, kind: str | None = None,
+                asset: bool = True) -> Job | None:
+    """Run a CAS (``stmt``, moving the job to ``status``); when it wins, mirror the job onto
+    its asset row (``asset``) and append the events (job, then asset), atomically. The job,
+    or None when the guard was closed (nothing written).
+
+    ``executor``: on PostgreSQL a connection (outside a transaction: the statement is its
+    own) or a session in a transaction; on SQLite a session in a transaction."""
+    if _dialect(executor) != "postgresql":
+        job = _run(executor, stmt, params)
+        if job is None:
+            return None
+        completed = status is JobStatus.COMPLETED and outcome is not None
+        _emit(executor, job, _sync_asset(executor, job, outcome if completed else None,
+                                         params["b_now"]) if asset else None, kind)
+        return job
+    shape, values = _statement_values(stmt, params, status, outcome, kind, asset)
+    row = executor.execute(_one_statement(*shape), values).first()
+    return None if row is None else _job_of_payload(row[0])
+
+
+def _transition_alone(db: Database, stmt: Any, params: dict[str, Any], status: JobStatus, *,
+                      outcome: Outcome | None = None, kind: str | None = None,
+                      asset: bool = True, durable: bool = True) -> Job | None:
+    """:func:`_transition` as its own transaction, for a ``stmt`` built once (cached: its
+    statement is compiled once per process). On PostgreSQL one statement on the driver's
+    cursor (:meth:`Database.first`), on SQLite a write transaction.
+
+    ``durable=False`` (PostgreSQL): the commit does not wait for its WAL to reach the disk
+    (``synchronous_commit`` off for this transaction only). For a worker's claim, progress
+    and lease: what a crash of the database server could lose of them in the next few
+    hundred milliseconds (PostgreSQL's WAL writer flushes at least that often, as does any
+    durable commit after it, such as the job's completion) leaves the job as it was
+    before, which the fences and the reconciler already handle: the run's completion finds
+    its attempt superseded, and the job is run again. Its committed state is visible to
+    every reader at once, as any commit's."""
+    if db.dialect != "postgresql":
+        with db.transaction() as session:
+            return _transition(session, stmt, params, status, outcome=outcome, kind=kind,
+                               asset=asset)
+    shape, values = _statement_values(stmt, params, status, outcome, kind, asset)
+    prepared = db.prepared(("transition", *shape, durable),
+                           lambda: _one_statement(*shape, durable=durable))
+    row = db.first(prepared, values)
     return None if row is None else _job_of_payload(row[0])
 
 
@@ -447,14 +492,15 @@ def start_job(db: Database, job_id: str, *, worker: str, lease_seconds: int) -> 
     elsewhere, finished, cancelled) or out of attempts: do no work.
     """
     now = utcnow()
-    with db.writer() as writer:
-        job = _transition(writer, _claim(), {
-            "b_id": job_id, "b_now": now, "b_owner": worker,
-            "b_lease": now + dt.timedelta(seconds=lease_seconds)}, JobStatus.PROCESSING)
-        current = None if job is not None else _current(writer, job_id)
+    job = _transition_alone(db, _claim(), {
+        "b_id": job_id, "b_now": now, "b_owner": worker,
+        "b_lease": now + dt.timedelta(seconds=lease_seconds)}, JobStatus.PROCESSING,
+        durable=False)
     if job is not None:
         metrics.job_started(job, now)  # committed, and this claim won
         return job
+    with db.writer() as reader:
+        current = _current(reader, job_id)
     if current is not None and current.attempts >= current.max_attempts and (
             current.status == _QUEUED
             or (current.status == _PROCESSING
@@ -600,12 +646,11 @@ def record_progress(db: Database, job_id: str, attempt: int, progress: int, *,
     """Store progress (0–100) and renew the lease. False: the run was cancelled
     or superseded, and the worker should stop."""
     now = utcnow()
-    with db.writer() as writer:
-        return _transition(writer, _progress(), {
-            "b_id": job_id, "b_attempt": attempt, "b_now": now,
-            "b_progress": max(0, min(100, progress)),
-            "b_lease": now + dt.timedelta(seconds=lease_seconds)},
-            JobStatus.PROCESSING, kind="progress", asset=False) is not None
+    return _transition_alone(db, _progress(), {
+        "b_id": job_id, "b_attempt": attempt, "b_now": now,
+        "b_progress": max(0, min(100, progress)),
+        "b_lease": now + dt.timedelta(seconds=lease_seconds)},
+        JobStatus.PROCESSING, kind="progress", asset=False, durable=False) is not None
 
 
 def record_enhancement(db: Database, job_id: str, attempt: int, *, prompt: str, backend: str,
@@ -674,28 +719,34 @@ def finish_job(db: Database, job_id: str, outcome: Outcome, *, guards: tuple[Any
         params["b_enhanced"] = outcome.enhanced_prompt
     bucket_from_type = "bucket" not in outcome.metadata
     completed = status is JobStatus.COMPLETED
-    # A completion is one statement (on PostgreSQL its own transaction); a failure also
-    # refunds, in the same transaction.
-    with db.writer() if completed else db.transaction() as writer:
-        dialect = _dialect(writer)
-        if status is JobStatus.COMPLETED:
-            result = {"bucket": None, "assets": list(outcome.assets),
-                      "thumbnail": outcome.thumbnail, **outcome.metadata}
-            params["b_result"] = json.dumps(result) if dialect != "postgresql" and bucket_from_type \
-                else result
-            params.update(_merge_params(dialect, {"primary_asset": outcome.assets[0],
-                                                  "all_assets": list(outcome.assets)}, "m_"))
-        else:
-            params["b_error"] = (outcome.error or status.value)[:ERROR_CHARS]
-        shape = (dialect, status, outcome.attempt is not None, bool(outcome.enhanced_prompt),
-                 bucket_from_type)
-        stmt = _finish_statement(*shape, guards) if guards else _finish_cached(*shape, ())
-        job = _transition(writer, stmt, params, status, outcome=outcome)
+    dialect = db.dialect
+    if status is JobStatus.COMPLETED:
+        result = {"bucket": None, "assets": list(outcome.assets),
+                  "thumbnail": outcome.thumbnail, **outcome.metadata}
+        params["b_result"] = json.dumps(result) if dialect != "postgresql" and bucket_from_type \
+            else result
+        params.update(_merge_params(dialect, {"primary_asset": outcome.assets[0],
+                                              "all_assets": list(outcome.assets)}, "m_"))
+    else:
+        params["b_error"] = (outcome.error or status.value)[:ERROR_CHARS]
+    shape = (dialect, status, outcome.attempt is not None, bool(outcome.enhanced_prompt),
+             bucket_from_type)
+    if completed and not guards:
+        # A completion is one statement (on PostgreSQL its own transaction).
+        job = _transition_alone(db, _finish_cached(*shape, ()), params, status, outcome=outcome)
         if job is None:
-            return Transition(_load(writer, job_id), False)
-        if not completed:
-            credits.refund(writer, user_id=job.user_id, job_id=job.id, amount=job.credits,
-                           charge_no=job.charges)
+            with db.writer() as reader:
+                return Transition(_load(reader, job_id), False)
+    else:
+        # A failure also refunds, in the same transaction.
+        stmt = _finish_statement(*shape, guards) if guards else _finish_cached(*shape, ())
+        with db.writer() if completed else db.transaction() as writer:
+            job = _transition(writer, stmt, params, status, outcome=outcome)
+            if job is None:
+                return Transition(_load(writer, job_id), False)
+            if not completed:
+                credits.refund(writer, user_id=job.user_id, job_id=job.id, amount=job.credits,
+                               charge_no=job.charges)
     # Committed, and only the transaction whose guard let it through gets here:
     # the one place a job's end is counted.
     metrics.job_finished(job)

@@ -219,11 +219,11 @@ def test_one_statement_writes_fit_psycopgs_query_cache() -> None:
 
     dialect = pg.dialect()
     shapes = [completion._one_statement(completion._claim(), JobStatus.PROCESSING, False, False,
-                                        None, True),
+                                        None, True, durable=False),
               completion._one_statement(completion._report_claim(False, True),
                                         JobStatus.PROCESSING, False, False, None, True),
               completion._one_statement(completion._progress(), JobStatus.PROCESSING, False,
-                                        False, "progress", False)]
+                                        False, "progress", False, durable=False)]
     for enhanced in (False, True):
         finish = completion._finish_cached("postgresql", JobStatus.COMPLETED, True, enhanced,
                                            True, ())
@@ -235,3 +235,74 @@ def test_one_statement_writes_fit_psycopgs_query_cache() -> None:
         assert len(compiled.params) <= _queries.MAX_CACHED_STATEMENT_PARAMS
     for sql in submission._ONE_STATEMENT.values():  # the driver's placeholders already
         assert len(sql.encode()) <= _queries.MAX_CACHED_STATEMENT_LENGTH
+
+
+def test_a_claim_commits_without_waiting_for_its_wal_and_a_completion_waits(
+        pg_database: str) -> None:
+    """PostgreSQL: a worker's claim (and progress) runs with ``synchronous_commit`` off for
+    its own transaction only (completion._transition_alone, durable=False); a completion
+    keeps it on; the pooled connection keeps the server's setting afterwards."""
+    db = Database(pg_database, pool_size=1, max_overflow=0)
+    wipe(db)
+    try:
+        user = str(uuid.uuid4())
+        job = submit(db, user, "image_fast")
+        now = completion.utcnow()
+        params = {"b_id": job.id, "b_now": now, "b_owner": "host:1", "b_lease": now}
+        for durable, setting in ((False, "off"), (True, "on")):
+            stmt = completion._one_statement(completion._claim(), JobStatus.PROCESSING, False,
+                                             False, None, True, durable=durable)
+            with db.transaction() as session:  # the statement, then a look in its transaction
+                assert session.execute(stmt, params).first() is not None
+                assert session.execute(text("SHOW synchronous_commit")).scalar_one() == setting
+                session.rollback()
+        assert completion.start_job(db, job.id, worker="host:1", lease_seconds=60) is not None
+        assert completion.record_progress(db, job.id, 1, 50, lease_seconds=60)
+        with db.writer() as conn:  # the same pooled connection (pool of one), as it was
+            assert conn.exec_driver_sql("SHOW synchronous_commit").scalar_one() == "on"
+        done = completion.finish_job(db, job.id, completion.Outcome(
+            JobStatus.COMPLETED, attempt=1, assets=[f"{user}/{job.id}_0.png"]))
+        assert done.changed and done.job.status == "completed" and done.job.progress == 100
+    finally:
+        db.dispose()
+
+
+def test_prepared_statements_bind_as_sqlalchemy_does(pg_database: str) -> None:
+    """Database.prepared/first: a Core statement compiled once, run on the driver's cursor,
+    sends the values SQLAlchemy's execute would (its types' bind processing: JSONB, the
+    UTC timestamps, UUIDs, bound defaults) and returns the driver's row; errors come out
+    as SQLAlchemy's, without the statement."""
+    import datetime as dt
+
+    from sqlalchemy import Integer, bindparam, cast, literal, select
+    from sqlalchemy.dialects.postgresql import JSONB
+    from sqlalchemy.exc import DataError
+
+    from orchestrator.models import UTCDateTime
+
+    db = Database(pg_database)
+    try:
+        stmt = select(cast(bindparam("j", type_=JSONB), JSONB),
+                      bindparam("t", type_=UTCDateTime) - literal(dt.timedelta(hours=1)),
+                      cast(bindparam("u"), Job.__table__.c.id.type),
+                      cast(bindparam("n"), Integer) + literal(1))
+        values = {"j": {"a": [1, "x"], "b": None}, "t": dt.datetime(2026, 1, 2, 3, 4, 5,
+                                                                    tzinfo=dt.timezone.utc),
+                  "u": str(uuid.uuid4()), "n": 41}
+        with db.writer() as conn:
+            expected = tuple(conn.execute(stmt, values).first())
+        prepared = db.prepared(("test", 1), lambda: stmt)
+        assert db.prepared(("test", 1), lambda: None) is prepared  # compiled once
+        row = db.first(prepared, values)
+        assert row[0] == expected[0] == values["j"]
+        assert row[1] == expected[1] == values["t"] - dt.timedelta(hours=1)
+        assert str(row[2]) == str(expected[2]) == values["u"]
+        assert row[3] == expected[3] == 42
+        try:
+            db.first(prepared, {**values, "n": "forty-one"})
+        except DataError as e:
+            assert "[SQL:" not in str(e) and "[parameters:" not in str(e)
+        else:
+            raise AssertionError("no DataError")
+    finally:
+        db.dispose()
