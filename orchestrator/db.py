@@ -157,12 +157,19 @@ class Database:
         events: :func:`_ping_when_idle` still runs), ``autocommit`` on, the statement, and
         off again. What ``Connection`` does on an error is kept: the driver's error is
         raised as SQLAlchemy's (``OperationalError``, ``DataError``…, which the web answers
-        503 and 400 as before, without the statement or its parameters), and a connection
-        found dead is dropped from the pool rather than handed out again.
+        503 and 400 as before, without the statement or its parameters), also when no
+        connection could be had (the server down), and a connection found dead is dropped
+        from the pool rather than handed out again.
         Statements run here are not seen by the engine's cursor events (tests count them
         at the driver).
         """
-        fairy = self.engine.raw_connection()
+        dbapi_error = self.engine.dialect.loaded_dbapi.Error
+        try:
+            fairy = self.engine.raw_connection()
+        except dbapi_error as e:  # no connection to be had (the pool raises the driver's)
+            raise DBAPIError.instance(None, None, e, dbapi_error, connection_invalidated=(
+                self.engine.dialect.is_disconnect(e, None, None)),
+                dialect=self.engine.dialect) from e
         driver = fairy.driver_connection
         cursor = None
         try:
@@ -175,13 +182,12 @@ class Database:
                     cursor.close()
                 if not driver.closed:
                     driver.autocommit = False
-        except self.engine.dialect.loaded_dbapi.Error as e:
+        except dbapi_error as e:
             dead = self.engine.dialect.is_disconnect(e, driver, cursor)
             if dead:
                 fairy.invalidate(e)
             # Without the statement and its parameters (a user's prompt is no log line's).
-            raise DBAPIError.instance(None, None, e, self.engine.dialect.loaded_dbapi.Error,
-                                      connection_invalidated=dead,
+            raise DBAPIError.instance(None, None, e, dbapi_error, connection_invalidated=dead,
                                       dialect=self.engine.dialect) from e
         finally:
             fairy.close()

@@ -267,6 +267,28 @@ def test_a_claim_commits_without_waiting_for_its_wal_and_a_completion_waits(
         db.dispose()
 
 
+def test_driver_cursor_without_a_server_raises_sqlalchemys_error() -> None:
+    """No connection to be had (the database server down): the driver cursor (submission,
+    worker transitions) raises SQLAlchemy's OperationalError, as a Connection would, which
+    the web answers 503 and the workers retry (tests/test_faults.py, a server stopped)."""
+    from sqlalchemy.exc import OperationalError
+
+    from tests.stack import free_port
+
+    db = Database(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nowhere",
+                  connect_args={"connect_timeout": 2})
+    try:
+        try:
+            with db.driver_cursor() as cursor:
+                cursor.execute("SELECT 1")
+        except OperationalError as e:
+            assert "[SQL:" not in str(e)
+        else:
+            raise AssertionError("no OperationalError")
+    finally:
+        db.dispose()
+
+
 def test_prepared_statements_bind_as_sqlalchemy_does(pg_database: str) -> None:
     """Database.prepared/first: a Core statement compiled once, run on the driver's cursor,
     sends the values SQLAlchemy's execute would (its types' bind processing: JSONB, the
