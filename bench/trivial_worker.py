@@ -40,3 +40,28 @@ def _trivial(*_: Any) -> TrivialGenerator:
 
 
 runtime.get_generator = _trivial  # type: ignore[assignment]
+
+#: Where :func:`noop` counts (the bench reads it; a Redis key of the broker's database).
+NOOP_COUNTER = "bench:noop:done"
+
+
+@celery_app.task(name="bench.noop")
+def noop() -> None:
+    """Celery's own cost per task on this worker, for the bench's raw limit: the same app,
+    settings (late ack, prefetch 1, the worker's logging) and process, and a body that only
+    counts the task (one INCR; the bench times the counter)."""
+    _counter().incr(NOOP_COUNTER)
+
+
+_client: Any = None
+
+
+def _counter() -> Any:
+    global _client
+    if _client is None:
+        import redis
+
+        from orchestrator.config import get_settings
+
+        _client = redis.Redis.from_url(get_settings().broker_url)
+    return _client
