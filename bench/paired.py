@@ -1,5 +1,5 @@
-"""`queue-job` against the naive reference in alternating runs, with where the CPU goes
-(by hand, not in CI; ``make bench`` stays the reference run).
+"""`queue-job` (and `job-callback` heartbeats) against the naive reference in alternating
+runs, with where the CPU goes (by hand, not in CI; ``make bench`` stays the reference run).
 
     .venv/bin/python -m bench.paired [--runs 4] [--duration 6] [--b-env KEY=VALUE,...]
 
@@ -15,12 +15,16 @@ req/s and p99, and what its database did: commits and rows from ``pg_stat_databa
 (approximate: an idle connection reports its counts up to 10 s late), WAL bytes from
 the server's WAL position and records from ``pg_stat_wal`` (the whole server's, so the
 run's own while nothing else writes). Then the medians and the paired ratios (each service
-run ÷ the naive run next to it). ``make bench`` runs this as its ``paired`` phase.
+run ÷ the naive run next to it). After each turn of `queue-job`, the same service takes
+a turn of `job-callback` heartbeats: a worker's `processing` report repeated for 2,000
+jobs already processing (lease renewals), as ``make bench``'s heartbeat runs.
+``make bench`` runs this as its ``paired`` phase.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
 import sys
 import tempfile
@@ -97,7 +101,7 @@ class Target:
 
 
 def _service(load: suite.Load, workdir: Path, name: str, redis_db: int,
-             overrides: dict[str, str], stack: contextlib.ExitStack) -> Target:
+             overrides: dict[str, str], stack: contextlib.ExitStack) -> tuple[Target, Any]:
     var = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))
     svc = suite.make_stack("postgres-redis", var, ("web",), redis_db=redis_db,
                            **{**suite.SERVICE_LIMITS, **overrides})
@@ -105,13 +109,39 @@ def _service(load: suite.Load, workdir: Path, name: str, redis_db: int,
     rows = suite.queue_job_rows(suite._users(svc, 4000, 100_000))
     pg_url = svc.env["DATABASE_URL"].replace("postgresql+psycopg://", "postgresql://")
     return Target(name, svc.base_url, load.lines(name, rows), svc.procs["web"].pid,
-                  suite.drainer(svc), pg_url)
+                  suite.drainer(svc), pg_url), svc
+
+
+#: Jobs whose `processing` report the heartbeat target repeats (as make bench's heartbeats).
+HEARTBEAT_JOBS = 2000
+
+
+def _heartbeats(load: suite.Load, service: Target, svc: Any) -> Target:
+    """`job-callback` heartbeats on the service's web: a worker's `processing` report
+    repeated for jobs already processing (each a lease renewal, changing nothing else), the
+    jobs taken from those the service's warm-up queued, in rotation."""
+    from orchestrator.config import Settings
+
+    with psycopg.connect(service.db_url, autocommit=True) as conn:
+        ids = [r[0] for r in conn.execute(
+            "UPDATE jobs SET status = 'processing', attempts = 1, started_at = now(), "
+            "lease_owner = 'bench:1', lease_expires_at = now() + interval '1 hour' "
+            "WHERE id IN (SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at "
+            "LIMIT %s) RETURNING id::text", (HEARTBEAT_JOBS,)).fetchall()]
+    if len(ids) < HEARTBEAT_JOBS // 2:
+        raise RuntimeError(f"only {len(ids)} jobs to send heartbeats for")
+    auth = "Bearer " + Settings.from_env(svc.env).worker_token
+    rows = [("POST", "/functions/v1/job-callback", auth,
+             json.dumps({"job_id": j, "status": "processing"})) for j in ids]
+    return Target("heartbeat", service.url, load.lines("paired-heartbeat", rows), service.master,
+                  lambda: None, service.db_url)
 
 
 def measure(servers: suite.Servers, load: suite.Load, workdir: Path, runs: int, duration: int,
-            b_env: dict[str, str] | None = None) -> dict[str, Any]:
-    """The naive reference and the service (and, with ``b_env``, a second service with those
-    overrides) in turns on ``servers``: every run's figures, their medians, and the paired
+            b_env: dict[str, str] | None = None, heartbeats: bool = True) -> dict[str, Any]:
+    """The naive reference and the service's `queue-job` (and, with ``b_env``, a second
+    service with those overrides), then (``heartbeats``) the service's `job-callback`
+    heartbeats, in turns on ``servers``: every run's figures, their medians, and the paired
     req/s ratios (each service run ÷ the naive run next to it)."""
     with contextlib.ExitStack() as stack:
         name, proc, url, _ = suite.start_naive(servers, workdir / "paired-naive",
@@ -121,23 +151,32 @@ def measure(servers: suite.Servers, load: suite.Load, workdir: Path, runs: int, 
         stack.callback(naive_broker.flushdb)
         naive = Target("naive", url, load.lines("paired-naive", suite.naive_rows()), proc.pid,
                        lambda: naive_broker.delete("naive"), servers.libpq(name))
-        targets = [naive, _service(load, workdir, "service", 1, {}, stack)]
+        service, svc = _service(load, workdir, "service", 1, {}, stack)
+        targets = [naive, service]
         if b_env:
-            targets.append(_service(load, workdir, "serviceB", 2, b_env, stack))
+            targets.append(_service(load, workdir, "serviceB", 2, b_env, stack)[0])
         for t in targets:  # warm-up: connections, caches, the first tokens
             load.wrk_once(t.url, t.lines, 3 if t is naive else 8)
+            if t is service and heartbeats:
+                beats = _heartbeats(load, service, svc)
             t.between()
+        if heartbeats:
+            load.wrk_once(beats.url, beats.lines, 3)
         for i in range(runs):
             services = targets[1:] if i % 2 == 0 else targets[:0:-1]  # B first every other run
             for t in [naive, *services]:
                 t.measure(load, duration)
+            if heartbeats:
+                beats.measure(load, duration)
     out: dict[str, Any] = {"runs": runs, "duration": duration}
+    if heartbeats:
+        targets.append(beats)
     for t in targets:
         out[t.name] = {"runs": t.runs, "median": {k: statistics.median(r[k] for r in t.runs)
                                                   for k in t.runs[0]}}
     for t in targets[1:]:
         out[t.name]["ratios"] = sorted(s["rps"] / n["rps"] for n, s in zip(naive.runs, t.runs))
-    if len(targets) == 3:
+    if b_env:
         out["serviceB"]["ratios_to_service"] = sorted(
             b["rps"] / a["rps"] for a, b in zip(targets[1].runs, targets[2].runs))
     return out
@@ -159,11 +198,11 @@ def main() -> int:
         res = measure(servers, load, workdir, args.runs, args.duration, b_env or None)
     finally:
         servers.stop()
-    for name in ("naive", "service", "serviceB"):
+    for name in ("naive", "service", "serviceB", "heartbeat"):
         if name in res:
             print(f"median {name:8s} " + " ".join(f"{k}={v:.2f}"
                                                    for k, v in res[name]["median"].items()))
-    for name in ("service", "serviceB"):
+    for name in ("service", "serviceB", "heartbeat"):
         if name in res:
             ratios = res[name]["ratios"]
             print(f"{name} / naive req/s, paired: " + " ".join(f"{r:.3f}" for r in ratios)

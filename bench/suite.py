@@ -985,7 +985,19 @@ def _paired_headline(paired: dict[str, Any] | None) -> list[str]:
             f"{_mark(mid >= TARGETS['queue_job_ratio'])} |",
             f"| `queue-job` p99, in turns | {svc['p99_ms']:.1f} ms | naive {naive['p99_ms']:.1f} ms "
             f"| {svc['p99_ms'] / naive['p99_ms']:.2f}× | ≤ 30 ms | "
-            f"{_mark(svc['p99_ms'] <= TARGETS['queue_job_p99_ms'])} |"]
+            f"{_mark(svc['p99_ms'] <= TARGETS['queue_job_p99_ms'])} |",
+            *_paired_heartbeats(paired, naive)]
+
+
+def _paired_heartbeats(paired: dict[str, Any], naive: dict[str, float]) -> list[str]:
+    if "heartbeat" not in paired:  # measured since 2026-11-29
+        return []
+    beat, ratios = paired["heartbeat"]["median"], paired["heartbeat"]["ratios"]
+    mid = statistics.median(ratios)
+    return [f"| `job-callback` heartbeats req/s, in turns with the naive reference | "
+            f"{beat['rps']:,.0f} | naive reference {naive['rps']:,.0f} | {mid:.2f}× "
+            f"({min(ratios):.2f}–{max(ratios):.2f}) | ≥ 1.0× | "
+            f"{_mark(mid >= TARGETS['callback_ratio'])} |"]
 
 
 def _paired_table(paired: dict[str, Any] | None) -> list[str]:
@@ -1001,7 +1013,10 @@ def _paired_table(paired: dict[str, Any] | None) -> list[str]:
             "| | req/s | p99 | gunicorn workers (system part) | PostgreSQL (system part) | Redis "
             "| idle CPU | WAL per request | rows inserted / updated per request |",
             "|---|---|---|---|---|---|---|---|---|"]
-    for name, label in (("naive", "naive reference"), ("service", "`queue-job`")):
+    for name, label in (("naive", "naive reference"), ("service", "`queue-job`"),
+                        ("heartbeat", "`job-callback` heartbeat")):
+        if name not in paired:
+            continue
         m = paired[name]["median"]
         wal = f"{m['wal_bytes']:,.0f} B, {m['wal_records']:.0f} records"
         written = f"{m['rows_inserted']:.1f} / {m['rows_updated']:.1f}"
@@ -1322,7 +1337,8 @@ def main() -> int:
             if "paired" in only:
                 from bench import paired
 
-                res["paired"] = watcher.phase_of("queue-job and the naive reference in turns",
+                res["paired"] = watcher.phase_of("queue-job, heartbeats and the naive reference "
+                                                 "in turns",
                                                  lambda: paired.measure(servers, load, workdir,
                                                                         args.runs, args.duration))
             if only & {"dispatch", "orchestration", "rss"}:
