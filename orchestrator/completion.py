@@ -452,13 +452,13 @@ def _transition_alone(db: Database, stmt: Any, params: dict[str, Any], status: J
     cursor (:meth:`Database.first`), on SQLite a write transaction.
 
     ``durable=False`` (PostgreSQL): the commit does not wait for its WAL to reach the disk
-    (``synchronous_commit`` off for this transaction only). For a worker's claim, progress
-    and lease: what a crash of the database server could lose of them in the next few
-    hundred milliseconds (PostgreSQL's WAL writer flushes at least that often, as does any
-    durable commit after it, such as the job's completion) leaves the job as it was
-    before, which the fences and the reconciler already handle: the run's completion finds
-    its attempt superseded, and the job is run again. Its committed state is visible to
-    every reader at once, as any commit's."""
+    (``synchronous_commit`` off for this transaction only). For a worker's claim and
+    progress (which also renews the lease): what a crash of the database server could lose
+    of them (the last few hundred milliseconds: PostgreSQL's WAL writer flushes at least
+    that often, as does any durable commit after them, such as the job's completion)
+    leaves the job as it was before, which the fences and the reconciler already handle:
+    the run's completion finds its attempt superseded, and the job is run again. Its
+    committed state is visible to every reader at once, as any commit's."""
     if db.dialect != "postgresql":
         with db.transaction() as session:
             return _transition(session, stmt, params, status, outcome=outcome, kind=kind,

@@ -221,7 +221,9 @@ class Prepared:
     for the transitions' statements, each run once per job. Here the SQL text, the bound
     parameters' defaults and their bind processors (the dialect's JSONB wrapping, the
     columns' own types) come from one compilation; a call fills in the values and
-    processes them as SQLAlchemy would."""
+    processes them as SQLAlchemy would. The processors are the compiled statement's
+    ``_bind_processors``, which SQLAlchemy's execution context reads the same way (a private
+    attribute: tests/test_round_trips.py holds the values sent equal to SQLAlchemy's)."""
 
     def __init__(self, statement: Any, dialect: Any) -> None:
         compiled = statement.compile(dialect=dialect)
