@@ -133,39 +133,3 @@ def test_two_reconcilers_at_once_publish_each_job_once(db: Database, settings: S
     assert errors == []
     assert Counter(pub.sent) == Counter({j: 1 for j in jobs})
 
-
-def test_a_claim_lost_in_a_database_crash_is_run_again(db: Database, settings: Settings) -> None:
-    """A worker's claim commits without waiting for its WAL on PostgreSQL
-    (completion._transition_alone, durable=False), so a crash of the database server can
-    lose it: the job is then as it was before the claim (queued, its message delivered).
-    The run's completion finds its attempt superseded and changes nothing; the reconciler
-    offers the job again, and the next run completes it, once."""
-    from sqlalchemy import delete, update
-
-    from orchestrator.models import JobEvent
-    from orchestrator.status import JobStatus
-
-    user = str(uuid.uuid4())
-    job = submit(db, user, "image_fast")
-    completion.mark_dispatched(db, job.id)
-    with db.session() as s:
-        before_job = dict(s.execute(select(Job.__table__).where(Job.id == job.id)).mappings().one())
-        image_status = s.get(Image, job.image_id).status
-        last_event = s.execute(select(func.max(JobEvent.id))).scalar_one()
-    claimed = completion.start_job(db, job.id, worker="w1", lease_seconds=60)
-    assert claimed is not None and claimed.attempts == 1
-    with db.transaction() as s:  # what the crash undid: the claim's rows and events
-        s.execute(update(Job.__table__).where(Job.__table__.c.id == job.id).values(**before_job))
-        s.execute(update(Image).where(Image.id == job.image_id).values(status=image_status))
-        s.execute(delete(JobEvent).where(JobEvent.id > last_event))
-    outcome = completion.Outcome(JobStatus.COMPLETED, attempt=1, assets=[f"{user}/{job.id}_0.png"])
-    assert not completion.finish_job(db, job.id, outcome).changed  # the lost run's report
-    pub = Recorder()
-    report = reconciler.reconcile(db, settings, pub, now=_later(settings.reoffer_after + 1))
-    assert report.reoffered == [job.id] and pub.sent == [job.id]
-    again = completion.start_job(db, job.id, worker="w2", lease_seconds=60)
-    assert again is not None and again.attempts == 1
-    assert completion.finish_job(db, job.id, outcome).changed
-    with db.session() as s:
-        assert s.get(Job, job.id).status == "completed"
-        assert s.get(Image, job.image_id).status == "completed"

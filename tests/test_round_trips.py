@@ -219,11 +219,11 @@ def test_one_statement_writes_fit_psycopgs_query_cache() -> None:
 
     dialect = pg.dialect()
     shapes = [completion._one_statement(completion._claim(), JobStatus.PROCESSING, False, False,
-                                        None, True, durable=False),
+                                        None, True),
               completion._one_statement(completion._report_claim(False, True),
                                         JobStatus.PROCESSING, False, False, None, True),
               completion._one_statement(completion._progress(), JobStatus.PROCESSING, False,
-                                        False, "progress", False, durable=False)]
+                                        False, "progress", False)]
     for enhanced in (False, True):
         finish = completion._finish_cached("postgresql", JobStatus.COMPLETED, True, enhanced,
                                            True, ())
@@ -235,36 +235,6 @@ def test_one_statement_writes_fit_psycopgs_query_cache() -> None:
         assert len(compiled.params) <= _queries.MAX_CACHED_STATEMENT_PARAMS
     for sql in submission._ONE_STATEMENT.values():  # the driver's placeholders already
         assert len(sql.encode()) <= _queries.MAX_CACHED_STATEMENT_LENGTH
-
-
-def test_a_claim_commits_without_waiting_for_its_wal_and_a_completion_waits(
-        pg_database: str) -> None:
-    """PostgreSQL: a worker's claim (and progress) runs with ``synchronous_commit`` off for
-    its own transaction only (completion._transition_alone, durable=False); a completion
-    keeps it on; the pooled connection keeps the server's setting afterwards."""
-    db = Database(pg_database, pool_size=1, max_overflow=0)
-    wipe(db)
-    try:
-        user = str(uuid.uuid4())
-        job = submit(db, user, "image_fast")
-        now = completion.utcnow()
-        params = {"b_id": job.id, "b_now": now, "b_owner": "host:1", "b_lease": now}
-        for durable, setting in ((False, "off"), (True, "on")):
-            stmt = completion._one_statement(completion._claim(), JobStatus.PROCESSING, False,
-                                             False, None, True, durable=durable)
-            with db.transaction() as session:  # the statement, then a look in its transaction
-                assert session.execute(stmt, params).first() is not None
-                assert session.execute(text("SHOW synchronous_commit")).scalar_one() == setting
-                session.rollback()
-        assert completion.start_job(db, job.id, worker="host:1", lease_seconds=60) is not None
-        assert completion.record_progress(db, job.id, 1, 50, lease_seconds=60)
-        with db.writer() as conn:  # the same pooled connection (pool of one), as it was
-            assert conn.exec_driver_sql("SHOW synchronous_commit").scalar_one() == "on"
-        done = completion.finish_job(db, job.id, completion.Outcome(
-            JobStatus.COMPLETED, attempt=1, assets=[f"{user}/{job.id}_0.png"]))
-        assert done.changed and done.job.status == "completed" and done.job.progress == 100
-    finally:
-        db.dispose()
 
 
 def test_driver_cursor_without_a_server_raises_sqlalchemys_error() -> None:
