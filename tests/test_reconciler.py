@@ -132,4 +132,3 @@ def test_two_reconcilers_at_once_publish_each_job_once(db: Database, settings: S
         t.join()
     assert errors == []
     assert Counter(pub.sent) == Counter({j: 1 for j in jobs})
-
