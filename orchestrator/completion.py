@@ -453,7 +453,7 @@ def _transition_alone(db: Database, stmt: Any, params: dict[str, Any], status: J
                                asset=asset)
     shape, values = _statement_values(stmt, params, status, outcome, kind, asset)
     prepared = db.prepared(("transition", *shape), lambda: _one_statement(*shape))
-    row = db.first(prepared, values)
+    row = db.first(prepared.sql, prepared.parameters(values))
     return None if row is None else _job_of_payload(row[0])
 
 

@@ -146,8 +146,9 @@ class Database:
     @contextlib.contextmanager
     def driver_cursor(self) -> Iterator[Any]:
         """PostgreSQL: a cursor of the driver (psycopg) on a pooled connection outside any
-        transaction, for the request path's one statement with the driver's placeholders
-        (a submission): each statement is its own transaction, as in :meth:`autocommit`.
+        transaction, for one statement with the driver's placeholders (a submission, a
+        worker's transition: :meth:`first`): each statement is its own transaction, as in
+        :meth:`autocommit`.
 
         Under SQLAlchemy's ``Connection`` the same statement costs about twice the
         Python: a ``Connection`` and an execution context per use, the isolation level set
@@ -200,13 +201,14 @@ class Database:
             prepared = self._prepared[key] = Prepared(build(), self.engine.dialect)
         return prepared
 
-    def first(self, prepared: "Prepared", values: dict[str, Any]) -> tuple[Any, ...] | None:
-        """PostgreSQL: run a prepared statement as its own transaction on the driver's
-        cursor (:meth:`driver_cursor`); its first row, as the driver returns it (no result
-        processing: for statements whose columns the driver already returns as wanted,
-        such as JSONB payloads)."""
+    def first(self, sql: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
+        """PostgreSQL: one statement with the driver's placeholders (a submission's, or a
+        :class:`Prepared`'s ``sql`` and ``parameters``) as its own transaction on the
+        driver's cursor (:meth:`driver_cursor`); its first row, as the driver returns it (no
+        result processing: for statements whose columns the driver already returns as
+        wanted, such as JSONB payloads)."""
         with self.driver_cursor() as cursor:
-            cursor.execute(prepared.sql, prepared.parameters(values))
+            cursor.execute(sql, params)
             return cursor.fetchone()
 
     def dispose(self) -> None:
@@ -214,7 +216,7 @@ class Database:
 
 
 class Prepared:
-    """A Core statement compiled once for a dialect, for :meth:`Database.first`.
+    """A Core statement compiled once for a dialect, run by :meth:`Database.first`.
 
     SQLAlchemy's ``Connection.execute`` of the same statement builds its cache key (a walk
     of the whole statement) and an execution context on every call: about 100 µs of CPU

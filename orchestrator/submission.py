@@ -349,13 +349,11 @@ def _submit_in_one_statement(db: Database, spec: JobType, job: Job, max_active: 
            "ledger": {"user_id": job.user_id, "job_id": job.id, "delta": -spec.credits,
                       "reason": "job_charge", "charge_no": 1, "created_at": iso(job.created_at)},
            "events": [{**e, "created_at": iso(e["created_at"])} for e in (job_event, asset_event)]}
-    with db.driver_cursor() as cursor:
-        # The driver's own placeholders: nothing for SQLAlchemy to compile, cache or convert.
-        cursor.execute(_ONE_STATEMENT[spec.is_video, count], {
-            "user": job.user_id, "amount": spec.credits, "now": job.created_at,
-            "cap": max_active, **({"family": job.family} if count else {}),
-            "doc": json.dumps(doc, separators=(",", ":"))})
-        row = cursor.fetchone()
+    # The driver's own placeholders: nothing for SQLAlchemy to compile, cache or convert.
+    row = db.first(_ONE_STATEMENT[spec.is_video, count], {
+        "user": job.user_id, "amount": spec.credits, "now": job.created_at,
+        "cap": max_active, **({"family": job.family} if count else {}),
+        "doc": json.dumps(doc, separators=(",", ":"))})
     # The count ran before this job's row existed: it is last in its queue.
     return None if row is None else (row[0], row[1] if count else None)
 

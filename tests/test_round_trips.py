@@ -285,13 +285,13 @@ def test_prepared_statements_bind_as_sqlalchemy_does(pg_database: str) -> None:
             expected = tuple(conn.execute(stmt, values).first())
         prepared = db.prepared(("test", 1), lambda: stmt)
         assert db.prepared(("test", 1), lambda: None) is prepared  # compiled once
-        row = db.first(prepared, values)
+        row = db.first(prepared.sql, prepared.parameters(values))
         assert row[0] == expected[0] == values["j"]
         assert row[1] == expected[1] == values["t"] - dt.timedelta(hours=1)
         assert str(row[2]) == str(expected[2]) == values["u"]
         assert row[3] == expected[3] == 42
         try:
-            db.first(prepared, {**values, "n": "forty-one"})
+            db.first(prepared.sql, prepared.parameters({**values, "n": "forty-one"}))
         except DataError as e:
             assert "[SQL:" not in str(e) and "[parameters:" not in str(e)
         else:
