@@ -154,14 +154,22 @@ class LocalStorage:
         Written to a temporary file in the destination directory and moved
         into place with :func:`os.replace`, so readers see either the old
         object or the complete new one, never a partial file.
+
+        Durable when it returns: the file's data is fsynced before the rename,
+        and the directory after it (and the parent of each directory this call
+        created), so a power cut cannot take back a file that a job's completion
+        already recorded: the rename itself lives in the directory.
         """
         path = self.path_for(bucket, key, owner=owner)
         payload = bytes(data)
         if not path.parent.is_dir():  # the resolved parent: no symlink left in it
+            created = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except (FileExistsError, NotADirectoryError):
                 raise Conflict("storage key conflicts with an existing object") from None
+            for directory in reversed(created):  # outermost first: each entry in its parent
+                _fsync_directory(directory.parent)
             # Re-check after mkdir: a directory swapped for a symlink in between
             # would otherwise redirect the write. (When the directory already
             # existed nothing was created: the first check stands, as the second
@@ -187,6 +195,7 @@ class LocalStorage:
             except FileNotFoundError:
                 pass
             raise
+        _fsync_directory(path.parent)
         return len(payload)
 
     def open(self, bucket: str, key: str, *, owner: str | None = None) -> BinaryIO:
@@ -207,6 +216,15 @@ class LocalStorage:
         if not path.is_file():
             raise NotFound("file not found")
         return path.stat().st_size
+
+
+def _fsync_directory(directory: pathlib.Path) -> None:
+    """Make the entries of ``directory`` (a rename, a new subdirectory) durable."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _check_key_text(key: str) -> None:

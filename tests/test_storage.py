@@ -148,6 +148,49 @@ def test_failed_write_leaves_no_temp_file(
     assert [p for p in root.rglob("*") if p.is_file()] == []
 
 
+def _record_syncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Record each fsync (the path its descriptor names) and each rename, in order; both
+    still happen."""
+    calls: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(src: str, dst: str) -> None:
+        calls.append(("rename", str(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    return calls
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/fd").is_dir(), reason="needs /proc (Linux)")
+def test_write_is_durable_file_then_rename_then_directories(
+    storage: LocalStorage, root: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data is fsynced before the rename and the directory holding the name after it;
+    directories the write created are fsynced in their parents, so a power cut cannot take
+    back a file a completion has recorded."""
+    calls = _record_syncs(monkeypatch)
+    storage.write(BUCKET, "u1/img.png", b"data", owner="u1")
+    real = root.resolve()
+    target = str(real / BUCKET / "u1" / "img.png")
+    kinds = [kind for kind, _ in calls]
+    assert kinds == ["fsync", "fsync", "fsync", "fsync", "rename", "fsync"], calls
+    created_in = [path for _, path in calls[:3]]
+    assert created_in == [str(real.parent), str(real), str(real / BUCKET)]  # root, bucket, user dir
+    assert calls[3][1].startswith(str(real / BUCKET / "u1" / ".tmp-"))  # the data, before the rename
+    assert calls[4:] == [("rename", target), ("fsync", str(real / BUCKET / "u1"))]
+
+    calls.clear()  # the directories exist now: the file, the rename, its directory
+    storage.write(BUCKET, "u1/other.png", b"more", owner="u1")
+    assert [kind for kind, _ in calls] == ["fsync", "rename", "fsync"]
+    assert calls[2] == ("fsync", str(real / BUCKET / "u1"))
+
+
 def test_missing_objects(storage: LocalStorage) -> None:
     assert not storage.exists(BUCKET, "u/none.png")
     with pytest.raises(NotFound):
