@@ -63,6 +63,9 @@ class Profile(Base):
     token_balance: Mapped[int] = mapped_column(Integer, default=100)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    #: While some web process holds an event stream of this user open (a lease it renews):
+    #: PostgreSQL writers NOTIFY this user's new events only until then (orchestrator.events).
+    watched_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class UserRole(Base):

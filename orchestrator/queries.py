@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
-from orchestrator import credits
+from orchestrator import credits, events
 from orchestrator.db import Database
 from orchestrator.errors import InvalidRequest, NotFound
 from orchestrator.jobtypes import JOB_TYPES
@@ -182,6 +182,14 @@ def me(db: Database, user_id: str) -> dict[str, Any]:
         created = _summary(session, user_id)
     assert created is not None
     return created
+
+
+def watch_events(db: Database, user_id: str, seconds: float) -> None:
+    """Take or renew the user's watch lease (:func:`orchestrator.events.watch`), creating
+    the profile on a first visit as :func:`me` does; committed when this returns."""
+    with db.transaction() as session:
+        credits.ensure_profile(session, user_id)
+        events.watch(session, user_id, seconds)
 
 
 def grant_role(db: Database, user_id: str, role: str = ADMIN) -> bool:

@@ -364,8 +364,8 @@ def _one_statement_sql(assets: str, count: bool) -> str:
 
     1. ``charged``: the debit, ``UPDATE profiles … RETURNING``, only when the balance
        covers the price and the user has fewer than ``%(cap)s`` jobs queued or processing
-       (0: no cap). It locks the user's profile row and queues its NOTIFY, as
-       :mod:`orchestrator.events` asks of a transaction that appends events;
+       (0: no cap). It locks the user's profile row and queues its NOTIFY while the user
+       is watched, as :mod:`orchestrator.events` asks of a transaction that appends events;
     2. the image/video row, the job, the ledger entry (with the new balance) and the
        events (job, then asset, each with its entity's row as payload), each inserted
        ``FROM charged``: written only when the debit was, and the events' ids are drawn
@@ -389,7 +389,7 @@ def _one_statement_sql(assets: str, count: bool) -> str:
 charged AS (UPDATE profiles SET token_balance = token_balance - %(amount)s, updated_at = %(now)s
   WHERE id = %(user)s AND token_balance >= %(amount)s AND (%(cap)s = 0 OR (SELECT count(*)
   FROM jobs WHERE user_id = %(user)s AND status IN ({active})) < %(cap)s)
-  RETURNING token_balance, pg_notify('{events.CHANNEL}', CAST(id AS text))),
+  RETURNING token_balance, {events.NOTIFY_IF_WATCHED_SQL}),
 a AS (INSERT INTO {assets} SELECT r.* FROM charged, d,
   jsonb_populate_record(NULL::{assets}, d.doc -> 'asset') r),
 j AS (INSERT INTO jobs SELECT r.* FROM charged, d, jsonb_populate_record(NULL::jobs, d.doc -> 'job') r),

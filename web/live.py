@@ -8,7 +8,9 @@ gets everything after it, nothing twice. Queued jobs also get ``queue`` events
 change. ``: keepalive`` comments keep idle proxies from closing the stream.
 
 Streams are woken, not polled, when the deployment can push: PostgreSQL's
-``LISTEN`` (the writers' ``NOTIFY`` arrives at commit), or Redis pub/sub on
+``LISTEN`` (the writers' ``NOTIFY`` arrives at commit; writers send it only
+while the user is watched, a lease each stream takes before its first read and
+renews while it lives: :func:`orchestrator.events.watch`), or Redis pub/sub on
 SQLite with ``REDIS_URL``; the embedded default re-reads the log every
 ``POLL_S``. One listener thread per web process fans notifications out to
 that process's streams. Each open stream holds one gunicorn thread, so a
@@ -64,11 +66,16 @@ def close_streams() -> None:
 class Hub:
     """Wakes the streams of a user when that user has new events."""
 
-    def __init__(self, database_url: str, redis_url: str | None, max_streams: int) -> None:
+    def __init__(self, database_url: str, redis_url: str | None, max_streams: int,
+                 heartbeat_s: float = 15.0) -> None:
         self.mode = ("postgres" if database_url.startswith("postgresql")
                      else "redis" if redis_url else "poll")
         self._database_url, self._redis_url = database_url, redis_url
         self._waiters: dict[str, set[threading.Event]] = {}
+        # The watch lease (PostgreSQL): long enough that a stream, which wakes at least
+        # every heartbeat, renews it (at half its length) well before it lapses.
+        self.lease_s = max(60.0, 4 * heartbeat_s)
+        self._renew_at: dict[str, float] = {}  # user → when this process renews the lease
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_streams)
         self._listener: threading.Thread | None = None
@@ -99,6 +106,31 @@ class Hub:
                 if not waiters:
                     del self._waiters[user_id]
         self._slots.release()
+
+    def keep_watched(self, db: Any, user_id: str) -> bool:
+        """True when writers will announce ``user_id``'s new events to this process (so a
+        stream may wait for a wake-up); False when the stream must re-read on its own.
+
+        PostgreSQL: takes or renews the user's watch lease when due (committed before it
+        returns, so the caller's next read of the log misses nothing that committed
+        without a NOTIFY). False when the database could not be reached; asked again at
+        the stream's next turn."""
+        if self.mode != "postgres":
+            return self.mode == "redis"
+        now = time.monotonic()
+        with self._lock:
+            if now < self._renew_at.get(user_id, 0.0):
+                return True
+        try:
+            queries.watch_events(db, user_id, self.lease_s)
+        except DBAPIError as e:
+            log.warning("event stream lease not taken (%s); the stream polls", type(e).__name__)
+            return False
+        with self._lock:
+            self._renew_at[user_id] = now + self.lease_s / 2
+            if len(self._renew_at) > 100_000:  # users long gone: renewed again if back
+                self._renew_at = {u: t for u, t in self._renew_at.items() if t > now}
+        return True
 
     def wake(self, user_id: str) -> None:
         with self._lock:
@@ -172,7 +204,7 @@ class Hub:
 def init_app(app: Flask) -> None:
     settings = app.extensions["orchestrator"].settings
     app.extensions["event_hub"] = Hub(settings.database_url, settings.redis_url,
-                                      settings.sse_max_streams)
+                                      settings.sse_max_streams, settings.sse_heartbeat_seconds)
     events.configure_push(settings.database_url, settings.redis_url)
     app.register_blueprint(bp)
 
@@ -218,6 +250,7 @@ def _stream(user_id: str, after: int, job_id: str | None, woken: threading.Event
     sent_queue: dict[str, tuple[int, float | None]] = {}
     while time.monotonic() < deadline and not _closing.is_set():
         woken.clear()  # before reading: a notification during the read wakes the next wait
+        announced = hub.keep_watched(svc.db, user_id)  # before reading, too
         try:
             with svc.db.session() as session:
                 batch = events.since(session, user_id, after, job_id=job_id)
@@ -251,7 +284,7 @@ def _stream(user_id: str, after: int, job_id: str | None, woken: threading.Event
             for gone in set(sent_queue) - set(found):
                 del sent_queue[gone]
         wait = settings.sse_heartbeat_seconds - (time.monotonic() - last_write)
-        if not hub.pushing:
+        if not (hub.pushing and announced):
             wait = min(wait, POLL_S)
         if found:
             wait = min(wait, next_queue_check - time.monotonic())
