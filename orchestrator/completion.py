@@ -12,10 +12,10 @@ The statements are SQLAlchemy Core over the tables, built once per shape with
 their values bound at execution (no ORM unit of work, no expression building or
 cache-key generation per call). On PostgreSQL a transition is one statement
 (:func:`_one_statement`): the CAS ``UPDATE … RETURNING``, the image/video row's
-``UPDATE`` computed from the new job row, the lock and NOTIFY of the owner's
-profile row that :mod:`orchestrator.events` requires, and the events with their
-payloads built by the database; outside a transaction it is its own, one round
-trip (a failure's refund joins it in a transaction). SQLite runs the CAS, the
+``UPDATE`` computed from the new job row, the lock of the owner's profile row (and
+its NOTIFY while the owner is watched) that :mod:`orchestrator.events` requires,
+and the events with their payloads built by the database; outside a transaction
+it is its own, one round trip (a failure's refund joins it in a transaction). SQLite runs the CAS, the
 asset's UPDATE and the events' INSERT as statements of one transaction. Rows
 come back as detached :class:`Job` instances.
 """

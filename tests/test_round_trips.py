@@ -21,7 +21,7 @@ from tests.helpers import count_statements, submit
 
 # Round trips per request for a returning user (profile exists). PostgreSQL: one WITH
 # statement run outside a transaction (so it is its own: no BEGIN, no COMMIT) that debits
-# (UPDATE … RETURNING, which also locks the profile and NOTIFYs), inserts the image, the
+# (UPDATE … RETURNING, which also locks the profile and NOTIFYs if watched), inserts the image, the
 # job, the ledger entry and the events, and answers the balance and the queue length
 # (orchestrator.submission._submit_in_one_statement). SQLite, one transaction: its BEGIN
 # IMMEDIATE, the debit, the four INSERTs, COMMIT. The dispatch mark after publishing is
@@ -53,8 +53,8 @@ def test_queue_job_statement_budget(app: Any, client: Any, make_user: Any) -> No
 # --- the worker's side: orchestrator.completion ----------------------------------------------
 # Statements plus COMMITs of one transition (a worker's claim, its completion), each one
 # transaction. PostgreSQL: one WITH statement run outside a transaction (so it is its own:
-# no BEGIN, no COMMIT) holding the CAS UPDATE … RETURNING, the asset's UPDATE, the lock and
-# NOTIFY of the owner's profile row and the events' INSERT. SQLite: its BEGIN IMMEDIATE,
+# no BEGIN, no COMMIT) holding the CAS UPDATE … RETURNING, the asset's UPDATE, the lock (and
+# NOTIFY, if watched) of the owner's profile row and the events' INSERT. SQLite: its BEGIN IMMEDIATE,
 # the CAS, the asset's UPDATE, the events' INSERT, COMMIT (one writer at a time: no lock).
 TRANSITION_BUDGET = {"postgresql": 1, "sqlite": 5}
 # job-callback `processing` from an external worker. A claim (the job was queued): the

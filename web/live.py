@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 import weakref
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from flask import (Blueprint, Flask, Response, current_app, g, jsonify, request,
                    stream_with_context)
@@ -67,7 +67,7 @@ class Hub:
     """Wakes the streams of a user when that user has new events."""
 
     def __init__(self, database_url: str, redis_url: str | None, max_streams: int,
-                 heartbeat_s: float = 15.0) -> None:
+                 heartbeat_s: float = 15.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.mode = ("postgres" if database_url.startswith("postgresql")
                      else "redis" if redis_url else "poll")
         self._database_url, self._redis_url = database_url, redis_url
@@ -76,6 +76,7 @@ class Hub:
         # every heartbeat, renews it (at half its length) well before it lapses.
         self.lease_s = max(60.0, 4 * heartbeat_s)
         self._renew_at: dict[str, float] = {}  # user → when this process renews the lease
+        self._clock = clock
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_streams)
         self._listener: threading.Thread | None = None
@@ -117,10 +118,9 @@ class Hub:
         the stream's next turn."""
         if self.mode != "postgres":
             return self.mode == "redis"
-        now = time.monotonic()
-        with self._lock:
-            if now < self._renew_at.get(user_id, 0.0):
-                return True
+        if self.holds(user_id):
+            return True
+        now = self._clock()  # before the UPDATE: the lease it takes ends later than now + lease_s
         try:
             queries.watch_events(db, user_id, self.lease_s)
         except DBAPIError as e:
@@ -131,6 +131,12 @@ class Hub:
             if len(self._renew_at) > 100_000:  # users long gone: renewed again if back
                 self._renew_at = {u: t for u, t in self._renew_at.items() if t > now}
         return True
+
+    def holds(self, user_id: str) -> bool:
+        """PostgreSQL: this process took ``user_id``'s lease less than half its length ago,
+        so at least ``lease_s / 2`` of it (more than two heartbeats) is left."""
+        with self._lock:
+            return self._clock() < self._renew_at.get(user_id, 0.0)
 
     def wake(self, user_id: str) -> None:
         with self._lock:
@@ -288,6 +294,8 @@ def _stream(user_id: str, after: int, job_id: str | None, woken: threading.Event
             wait = min(wait, POLL_S)
         if found:
             wait = min(wait, next_queue_check - time.monotonic())
+        if announced and hub.mode == "postgres" and not hub.holds(user_id):
+            continue  # the lease is due (a slow client held the stream up): renew, read again
         if not woken.wait(max(0.0, wait)) and \
                 time.monotonic() - last_write >= settings.sse_heartbeat_seconds:
             yield ": keepalive\n\n"
