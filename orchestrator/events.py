@@ -15,9 +15,10 @@ has a single writer at a time, so there the order holds anyway; with
 
 Why only while watched: PostgreSQL serialises notifying commits on one lock held
 through each commit's WAL flush (so that notifications queue in commit order), so
-commits that all NOTIFY cannot share a flush. Measured under the bench's load
-(8 clients), a NOTIFY in every submission cost about 10 % of ``queue-job``'s
-throughput, for users nobody was watching.
+commits that all NOTIFY cannot share a flush, and each one wakes every listening
+server process. Eight connections committing one-row INSERTs on this project's
+machine: 9,300/s, and 4,500-5,300/s with a ``pg_notify`` in each. (At the bench's
+~550 submissions/s the difference was below its noise: bench/RESULTS.md.)
 """
 from __future__ import annotations
 
@@ -36,7 +37,10 @@ log = logging.getLogger(__name__)
 #: The PostgreSQL NOTIFY channel and Redis pub/sub channel of new events (payload: user id).
 CHANNEL = "orchestrator_events"
 #: SQL of a column over ``profiles``: the row's user announced only while watched (NULL
-#: otherwise). Evaluated on the locked, latest version of the row (see :func:`watch`).
+#: otherwise). In a statement that locks the row: if another transaction changed the row
+#: meanwhile, PostgreSQL evaluates it again on the latest version once locked (READ
+#: COMMITTED; an evaluation on the older version can only add a harmless NOTIFY, never
+#: miss one: leases only grow). See :func:`watch`.
 NOTIFY_IF_WATCHED_SQL = (f"CASE WHEN profiles.watched_until > now() THEN "
                          f"pg_notify('{CHANNEL}', profiles.id::text) END")
 _LOCK_AND_NOTIFY = text(f"SELECT {NOTIFY_IF_WATCHED_SQL} FROM profiles WHERE id = :user_id "
