@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -177,9 +178,24 @@ def measure(servers: suite.Servers, load: suite.Load, workdir: Path, runs: int, 
     for t in targets[1:]:
         out[t.name]["ratios"] = sorted(s["rps"] / n["rps"] for n, s in zip(naive.runs, t.runs))
     if b_env:
-        out["serviceB"]["ratios_to_service"] = sorted(
-            b["rps"] / a["rps"] for a, b in zip(targets[1].runs, targets[2].runs))
+        in_order = [b["rps"] / a["rps"] for a, b in zip(targets[1].runs, targets[2].runs)]
+        out["serviceB"]["ratios_to_service"] = sorted(in_order)
+        out["serviceB"]["position_balanced"] = position_balanced(in_order)
     return out
+
+
+def position_balanced(in_order: list[float]) -> dict[str, float] | None:
+    """B ÷ A per run, B second in even runs and first in odd ones: the slot a stack runs in
+    shifts its req/s by itself (seen: the second slot ±8 % with the same code in both), so
+    a median over an unequal split, or a plain median, mixes that in. Here: the mean log
+    ratio with B second and with B first, halved sum (B's own effect) and halved
+    difference (the second slot's advantage). None without a run of each."""
+    second = [math.log(r) for r in in_order[0::2]]
+    first = [math.log(r) for r in in_order[1::2]]
+    if not second or not first:
+        return None
+    s, f = statistics.fmean(second), statistics.fmean(first)
+    return {"b_over_a": math.exp((s + f) / 2), "second_slot": math.exp((s - f) / 2)}
 
 
 def main() -> int:
@@ -211,6 +227,11 @@ def main() -> int:
         ratios = res["serviceB"]["ratios_to_service"]
         print("serviceB / service req/s, paired: " + " ".join(f"{r:.3f}" for r in ratios)
               + f" (median {statistics.median(ratios):.3f})")
+        balanced = res["serviceB"]["position_balanced"]
+        if balanced:
+            print(f"serviceB / service with the slot's own effect taken out: "
+                  f"{balanced['b_over_a']:.3f} (the second slot: {balanced['second_slot']:.3f}×; "
+                  "use an even --runs)")
     return 0
 
 
