@@ -15,9 +15,9 @@ cache-key generation per call). On PostgreSQL a transition is one statement
 ``UPDATE`` computed from the new job row, the lock of the owner's profile row (and
 its NOTIFY while the owner is watched) that :mod:`orchestrator.events` requires,
 and the events with their payloads built by the database; outside a transaction
-it is its own, one round trip (a failure's refund joins it in a transaction). SQLite runs the CAS, the
-asset's UPDATE and the events' INSERT as statements of one transaction. Rows
-come back as detached :class:`Job` instances.
+it is its own, one round trip (a failure's refund joins it in a transaction).
+SQLite runs the CAS, the asset's UPDATE and the events' INSERT as statements of
+one transaction. Rows come back as detached :class:`Job` instances.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import datetime as dt
 import functools
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from sqlalchemy import (Float, String, and_, bindparam, case, cast, func, insert, literal,
                         literal_column, null, or_, select, true, union_all, update)

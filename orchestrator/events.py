@@ -29,7 +29,7 @@ from typing import Any, Callable
 from sqlalchemy import bindparam, event, literal_column, select, text
 from sqlalchemy.orm import Session
 
-from orchestrator.models import Image, Job, JobEvent, Profile, Video, utcnow
+from orchestrator.models import Image, Job, JobEvent, Video, utcnow
 from orchestrator.records import image_row, iso, job_row, video_row
 
 log = logging.getLogger(__name__)

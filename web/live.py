@@ -134,7 +134,7 @@ class Hub:
 
     def holds(self, user_id: str) -> bool:
         """PostgreSQL: this process took ``user_id``'s lease less than half its length ago,
-        so at least ``lease_s / 2`` of it (more than two heartbeats) is left."""
+        so at least ``lease_s / 2`` of it (two heartbeats or more) is left."""
         with self._lock:
             return self._clock() < self._renew_at.get(user_id, 0.0)
 
