@@ -104,9 +104,9 @@ def announce_in(session: Session, user_id: str) -> Any | None:
 NOTIFY_USER = literal_column(NOTIFY_IF_WATCHED_SQL)
 
 
-def watch(session: Session, user_id: str, seconds: float) -> bool:
+def watch(session: Session, user_id: str, seconds: float) -> None:
     """PostgreSQL: have writers NOTIFY ``user_id``'s new events for at least ``seconds``
-    more (a lease; a stream renews it while it lives). False when the user has no profile
+    more (a lease; a stream renews it while it lives). The profile must exist
     (:func:`orchestrator.queries.watch_events` creates it first).
 
     Race-free with the writers by the profile row's lock: the lease is an UPDATE of that
@@ -114,7 +114,7 @@ def watch(session: Session, user_id: str, seconds: float) -> bool:
     the row's latest version. A writer that locked the row first commits before this
     UPDATE can, so a read made after this commit sees its events; a writer that locks it
     after sees the lease and NOTIFYs. Commit, then read the log."""
-    return bool(session.execute(_WATCH, {"user_id": user_id, "seconds": seconds}).rowcount)
+    session.execute(_WATCH, {"user_id": user_id, "seconds": seconds})
 
 
 def set_publisher(publish: Callable[[set[str]], None] | None) -> None:

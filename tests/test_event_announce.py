@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import psycopg
 import pytest
@@ -39,9 +39,9 @@ def announced(listener: psycopg.Connection[Any], timeout: float = 0.3) -> list[s
     return [note.payload for note in listener.notifies(timeout=timeout)]
 
 
-def every_writer(db: Database, user: str) -> dict[str, list[str]]:
-    """Each kind of event-writing statement, once: which users each announced is filled in
-    by the caller's listener."""
+def every_writer(db: Database, user: str) -> dict[str, Callable[[], Any]]:
+    """Each kind of event-writing statement, once, by name, in an order that works (run them
+    with :func:`run`)."""
     steps: dict[str, Any] = {}
     project = queries.create_project(db, user, title="p", original_prompt=None,
                                      enhanced_prompt=None, media_type="image")
